@@ -1,0 +1,75 @@
+"""The feature cache: every tensor frkern keeps between UNet calls lives here.
+
+Entries are keyed by (call slot, unit name). Each entry remembers the generation it was written
+in and a signature of the inputs that produced it (shape, dtype, device); a read with any of those
+different returns None, and the caller recomputes. A stale feature is never returned.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Hashable
+
+import torch
+
+
+def signature(t: torch.Tensor) -> tuple:
+    return (tuple(t.shape), t.dtype, t.device)
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+@dataclass
+class _Entry:
+    value: Any
+    sig: tuple
+    generation: int
+
+
+class FeatureCache:
+    def __init__(self):
+        self._entries: dict[Hashable, _Entry] = {}
+        self.generation = 0
+
+    def new_generation(self) -> int:
+        """Drop everything; reads from earlier generations are impossible from here on."""
+        self._entries.clear()
+        self.generation += 1
+        return self.generation
+
+    def put(self, key: Hashable, value: Any, sig: tuple) -> None:
+        self._entries[key] = _Entry(value, sig, self.generation)
+
+    def get(self, key: Hashable, sig: tuple) -> Any | None:
+        e = self._entries.get(key)
+        if e is None or e.generation != self.generation or e.sig != sig:
+            return None
+        return e.value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self):
+        return list(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        seen, total = set(), 0
+        for e in self._entries.values():
+            for t in _tensors(e.value):
+                key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+                if key not in seen:
+                    seen.add(key)
+                    total += t.numel() * t.element_size()
+        return total

@@ -1,0 +1,89 @@
+"""The operations frkern's wrappers call, each with two backends.
+
+"torch": the plain-PyTorch reference from kernels/ (bit-identical to diffusers' op sequence).
+"triton": the fused Triton kernels, registered as torch custom ops so torch.compile and CUDA
+graphs see one op each. "auto" picks triton for CUDA tensors and torch elsewhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .kernels import group_norm as _gn
+from .kernels import score_mix as _sm
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return _gn.triton is not None
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not triton_available():
+        raise ValueError("backend='triton' asked for, but triton is not installed")
+
+
+def use_triton(backend: str, t: torch.Tensor) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"backend='triton' needs CUDA tensors (got {t.device}); on a CPU set TRITON_INTERPRET=1 "
+                "to run the kernels in Triton's interpreter"
+            )
+        return True
+    return t.device.type == "cuda" and triton_available()
+
+
+if triton_available():
+
+    @torch.library.triton_op("frkern::group_norm_act", mutates_args=())
+    def _group_norm_act_op(
+        x: torch.Tensor,
+        weight: Optional[torch.Tensor],
+        bias: Optional[torch.Tensor],
+        num_groups: int,
+        eps: float,
+        add: Optional[torch.Tensor],
+        add_channel: Optional[torch.Tensor],
+        silu: bool,
+        write_sum: bool,
+    ) -> list[torch.Tensor]:
+        # Same body as kernels.group_norm.group_norm_act_triton, with launches wrapped for tracing.
+        y, s = _gn.group_norm_act_triton(
+            x, weight, bias, num_groups, eps, add, add_channel, silu, write_sum, launch=torch.library.wrap_triton
+        )
+        return [y, s] if write_sum else [y]
+
+    @torch.library.triton_op("frkern::score_mix", mutates_args=())
+    def _score_mix_op(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float) -> torch.Tensor:
+        return _sm.score_mix_triton(eps_fr, eps_key, mix, launch=torch.library.wrap_triton)
+
+
+def group_norm_act(
+    x: torch.Tensor,
+    norm: torch.nn.GroupNorm,
+    *,
+    silu: bool,
+    add: Optional[torch.Tensor] = None,
+    add_channel: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """act(norm(x + add + add_channel[:, :, None, None]))."""
+    if use_triton(backend, x):
+        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu, False)[0]
+    return _gn.group_norm_act_reference(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu)[0]
+
+
+def score_mix(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float, *, backend: str = "auto") -> torch.Tensor:
+    """mix * eps_fr + (1 - mix) * eps_key."""
+    if use_triton(backend, eps_fr):
+        return _score_mix_op(eps_fr, eps_key, float(mix))
+    _sm.check_score_mix_args(eps_fr, eps_key, mix)
+    return _sm.score_mix_reference(eps_fr, eps_key, mix)

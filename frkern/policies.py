@@ -1,0 +1,254 @@
+"""Reuse policies: small frozen objects that decide, for step i of N, what a UNet call does.
+
+Policies know nothing of tensors or modules. The dispatcher asks `policy.plan(i, n)` for a
+`StepPlan` and reads `policy.reuse` to learn which parts of the UNet are cached.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Union
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one UNet call does.
+
+    keyframe: run the full network and refresh every cache.
+    mix: on non-keyframes, weight of the feature-reuse output against the last keyframe's output
+      (score mixing). 1.0 = pure feature reuse, 0.0 = return the keyframe output without running
+      the network (a reduced-NFE jump).
+    """
+
+    keyframe: bool
+    mix: float = 1.0
+
+    @property
+    def runs_network(self) -> bool:
+        return self.keyframe or self.mix > 0.0
+
+
+FULL = StepPlan(keyframe=True)
+
+
+def _check_int(name: str, value, lo: int, cls: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{cls}: {name} must be an int >= {lo}, got {value!r}")
+
+
+class Policy:
+    """Base of all policies: JSON round trip and the `plan` protocol."""
+
+    name: ClassVar[str] = ""
+    # What is cached: "none", "units" (ResNet conv1 outputs and transformer residual branches),
+    # or "segment" (outputs of inner UNet blocks, see frkern.segments).
+    reuse: ClassVar[str] = "none"
+    # Whether the last keyframe's UNet output must be kept for score mixing.
+    keeps_keyframe_output: ClassVar[bool] = False
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def schedule(self, num_steps: int) -> list[StepPlan]:
+        return [self.plan(i, num_steps) for i in range(num_steps)]
+
+    def to_dict(self) -> dict:
+        return {"policy": self.name, **dataclasses.asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def _check_step(step: int, num_steps: int) -> None:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    # step >= num_steps happens with samplers that evaluate once more than they have steps (PLMS)
+
+
+@dataclass(frozen=True)
+class NoReuse(Policy):
+    """Every call is a full call: the parity baseline."""
+
+    name: ClassVar[str] = "NoReuse"
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        return FULL
+
+
+def score_mix_lambda(step: int, num_steps: int, bias: float = 0.5, slope: float = 30.0) -> float:
+    """FRDiff's score-mixing weight: clip((slope * (r - bias) + 2) / 4, 0, 1), r = step / num_steps."""
+    r = step / num_steps
+    return min(1.0, max(0.0, (slope * (r - bias) + 2.0) / 4.0))
+
+
+@dataclass(frozen=True)
+class FRDiff(Policy):
+    """FRDiff feature reuse (So et al., 2024).
+
+    Keyframes are the steps {0, M, 2M, ...}; other steps reuse every ResNet's conv1 output and
+    every transformer's residual branch from the last keyframe. With score_mix, a non-keyframe
+    step's output is lambda * FR + (1 - lambda) * keyframe output, and lambda == 0 skips the network.
+    """
+
+    interval: int = 2
+    score_mix: bool = True
+    bias: float = 0.5
+
+    name: ClassVar[str] = "FRDiff"
+    reuse: ClassVar[str] = "units"
+
+    def __post_init__(self):
+        _check_int("interval", self.interval, 1, "FRDiff")
+        if not isinstance(self.score_mix, bool):
+            raise ValueError(f"FRDiff: score_mix must be a bool, got {self.score_mix!r}")
+        if not isinstance(self.bias, (int, float)) or isinstance(self.bias, bool) or not math.isfinite(self.bias):
+            raise ValueError(f"FRDiff: bias must be a finite float, got {self.bias!r}")
+
+    @property
+    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
+        return self.score_mix
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if step % self.interval == 0:
+            return FULL
+        mix = score_mix_lambda(step, num_steps, self.bias) if self.score_mix else 1.0
+        return StepPlan(keyframe=False, mix=mix)
+
+
+@dataclass(frozen=True)
+class Keyframes(Policy):
+    """Feature reuse with an explicit keyframe set (what Auto-FR searches for).
+
+    Steps listed in `keyframes` (and step 0, always) are full; the others reuse units as FRDiff does.
+    Steps beyond `num_steps` the set was searched for are keyframes (never a silent stale read).
+    """
+
+    keyframes: tuple[int, ...] = (0,)
+    num_steps: int = 0  # the step count the set was made for; 0 = any
+    score_mix: bool = False
+    bias: float = 0.5
+
+    name: ClassVar[str] = "Keyframes"
+    reuse: ClassVar[str] = "units"
+
+    def __post_init__(self):
+        ks = tuple(self.keyframes)
+        for k in ks:
+            _check_int("each keyframe", k, 0, "Keyframes")
+        object.__setattr__(self, "keyframes", tuple(sorted(set(ks) | {0})))
+        _check_int("num_steps", self.num_steps, 0, "Keyframes")
+        if self.num_steps and self.keyframes[-1] >= self.num_steps:
+            raise ValueError(
+                f"Keyframes: keyframe {self.keyframes[-1]} is outside 0..{self.num_steps - 1}"
+            )
+
+    @property
+    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
+        return self.score_mix
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if self.num_steps and num_steps != self.num_steps:
+            raise ValueError(
+                f"Keyframes policy was made for {self.num_steps} steps, the sampler asks for {num_steps}"
+            )
+        if step >= num_steps or step in self.keyframes:
+            return FULL
+        mix = score_mix_lambda(step, num_steps, self.bias) if self.score_mix else 1.0
+        return StepPlan(keyframe=False, mix=mix)
+
+
+@dataclass(frozen=True)
+class Clockwork(Policy):
+    """Clockwork Diffusion with the identity adaptor (Habibian et al., 2024).
+
+    A full pass every `clock` steps; other steps run only the outer `levels` resolution levels
+    (conv_in, down_blocks[:levels], up_blocks[-levels:], conv_out) and reuse the cached input of
+    up_blocks[-levels].
+    """
+
+    clock: int = 2
+    levels: int = 1
+
+    name: ClassVar[str] = "Clockwork"
+    reuse: ClassVar[str] = "segment"
+
+    def __post_init__(self):
+        _check_int("clock", self.clock, 1, "Clockwork")
+        _check_int("levels", self.levels, 1, "Clockwork")
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        return FULL if step % self.clock == 0 else StepPlan(keyframe=False)
+
+
+@dataclass(frozen=True)
+class DeepCache(Policy):
+    """DeepCache (Ma et al., 2024): full pass when step % interval == 0; other steps recompute only
+    the layers outside cache branch `branch` (branch = 3 * block + layer, as in the `deepcache` package).
+    """
+
+    interval: int = 3
+    branch: int = 0
+
+    name: ClassVar[str] = "DeepCache"
+    reuse: ClassVar[str] = "segment"
+
+    def __post_init__(self):
+        _check_int("interval", self.interval, 1, "DeepCache")
+        _check_int("branch", self.branch, 0, "DeepCache")
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        return FULL if step % self.interval == 0 else StepPlan(keyframe=False)
+
+
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache)
+}
+
+AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache]
+
+
+def policy_from_dict(data: dict) -> Policy:
+    if not isinstance(data, dict) or "policy" not in data:
+        raise ValueError(f"a policy must be a JSON object with a 'policy' field, got {data!r}")
+    kind = data["policy"]
+    if kind not in POLICIES:
+        raise ValueError(f"unknown policy {kind!r}; known: {sorted(POLICIES)}")
+    cls = POLICIES[kind]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    args = {k: v for k, v in data.items() if k != "policy"}
+    unknown = set(args) - fields
+    if unknown:
+        raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
+    if "keyframes" in args:
+        if not isinstance(args["keyframes"], list):
+            raise ValueError(f"{kind}: keyframes must be a list of ints")
+        args["keyframes"] = tuple(args["keyframes"])
+    return cls(**args)
+
+
+def from_json(text: str) -> Policy:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"policy JSON does not parse: {e}") from None
+    return policy_from_dict(data)
+
+
+def load_policy(path) -> Policy:
+    """Load a policy saved with `save_policy` (or written by the Auto-FR search)."""
+    with open(path, encoding="utf-8") as f:
+        return from_json(f.read())
+
+
+def save_policy(policy: Policy, path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(policy.to_json() + "\n")

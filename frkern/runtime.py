@@ -1,0 +1,125 @@
+"""Host-side state of a patched UNet: which generation and step we are in, and what this call does.
+
+Nothing here reads a device tensor: the step index comes from the scheduler wrapper or from the
+user's `set_step`, so the host can run ahead of the GPU.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from .cache import FeatureCache
+from .policies import FULL, Policy, StepPlan
+
+OFF, FULL_MODE, REUSE_MODE = "off", "full", "reuse"
+EPS_UNIT = "unet.out"
+
+
+class Runtime:
+    """Shared by the UNet forward and every wrapper of one patched UNet.
+
+    Calls are grouped into steps; the k-th UNet call within a step is its slot k (a sampler that
+    calls the UNet twice per step, e.g. Heun, or a pipeline running CFG as two calls, gets two
+    slots). Reuse reads only what the same slot stored on the last keyframe.
+    """
+
+    def __init__(self, policy: Policy, params):
+        self.policy = policy
+        self.cache = FeatureCache()
+        self._params = list(params)
+        self.num_steps: int | None = None
+        self.step = 0
+        self.slot = 0
+        self.mode = OFF
+        self._key_sigs: dict[int, tuple] = {}
+        self.stats: collections.Counter = collections.Counter()
+
+    # --- step tracking -------------------------------------------------------------------------
+    def begin(self, num_steps: int) -> None:
+        """Start a new generation of `num_steps` steps: every cache is dropped."""
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        self.cache.new_generation()
+        self._key_sigs.clear()
+        self.num_steps = num_steps
+        self.step = 0
+        self.slot = 0
+        self.stats.clear()
+
+    def set_step(self, step: int) -> None:
+        if self.num_steps is None:
+            raise RuntimeError("call begin(num_steps) before set_step(i)")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self.step = step
+        self.slot = 0
+
+    def advance(self) -> None:
+        self.step += 1
+        self.slot = 0
+
+    # --- one UNet call -------------------------------------------------------------------------
+    def weights_token(self) -> tuple:
+        # In-place updates bump _version; replaced or moved tensors change data_ptr.
+        return (
+            len(self._params),
+            sum(p._version for p in self._params),
+            sum(p.data_ptr() for p in self._params),
+        )
+
+    def start_call(self, call_sig: tuple) -> StepPlan:
+        if self.num_steps is None:
+            raise RuntimeError(
+                "frkern: no generation started. A patched pipeline starts one in "
+                "scheduler.set_timesteps; in a hand-written loop call handle.begin(num_steps) and "
+                "handle.set_step(i) before each UNet call."
+            )
+        if self.mode != OFF:
+            raise RuntimeError("frkern: nested call of a patched UNet")
+        plan = self.policy.plan(self.step, self.num_steps)
+        if not plan.keyframe and not self._can_reuse(call_sig, plan):
+            self.stats["promoted"] += 1
+            plan = FULL
+        self.mode = FULL_MODE if plan.keyframe else REUSE_MODE
+        self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
+        return plan
+
+    def _can_reuse(self, call_sig: tuple, plan: StepPlan) -> bool:
+        if self._key_sigs.get(self.slot) != call_sig:
+            return False
+        if plan.mix < 1.0 and self.cache.get((self.slot, EPS_UNIT), call_sig) is None:
+            return False
+        return True
+
+    def end_call(self, plan: StepPlan, call_sig: tuple) -> None:
+        if plan.keyframe:
+            self._key_sigs[self.slot] = call_sig
+        self.mode = OFF
+        self.slot += 1
+
+    def abort_call(self) -> None:
+        """A call raised: forget the slot's keyframe so nothing half-written is ever reused."""
+        self._key_sigs.pop(self.slot, None)
+        self.mode = OFF
+
+    def keyframe_output(self, call_sig: tuple) -> torch.Tensor | None:
+        return self.cache.get((self.slot, EPS_UNIT), call_sig)
+
+    def store_keyframe_output(self, out: torch.Tensor, call_sig: tuple) -> None:
+        # A copy: the pipeline owns `out` and may change it in place.
+        self.cache.put((self.slot, EPS_UNIT), out.detach().clone(), call_sig)
+
+    # --- for the wrappers ----------------------------------------------------------------------
+    def read(self, unit: str, sig: tuple):
+        """The cached value of `unit` for this slot, or None when this call must compute it."""
+        if self.mode != REUSE_MODE:
+            return None
+        value = self.cache.get((self.slot, unit), sig)
+        if value is None:
+            self.stats["unit_miss"] += 1
+        return value
+
+    def write(self, unit: str, value, sig: tuple) -> None:
+        if self.mode == FULL_MODE:
+            self.cache.put((self.slot, unit), value, sig)
