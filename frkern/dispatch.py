@@ -124,6 +124,7 @@ class Handle:
         self._tracker: _SchedulerTracker | None = None
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
         self._orig_forward = unet.forward
+        self._own_forward = unet.__dict__.get("forward")  # restored as found by unpatch
         self.active = False
 
     # --- user API ----------------------------------------------------------------------------
@@ -213,7 +214,8 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     unet, pipeline = _find_unet(target)
     if getattr(unet, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("frkern.patch: this UNet is already patched; call frkern.unpatch first")
-    if "forward" in unet.__dict__:
+    own = unet.__dict__.get("forward")
+    if own is not None and not (getattr(own, "__func__", None) is type(unet).forward and own.__self__ is unet):
         raise RuntimeError(
             "frkern.patch: the UNet's forward is already replaced by something else (another "
             "caching helper such as DeepCache enabled?); disable it first"
@@ -263,6 +265,8 @@ def unpatch(target) -> None:
         parent._modules[name] = old
     handle._swaps.clear()
     unet.__dict__.pop("forward", None)
+    if handle._own_forward is not None:
+        unet.forward = handle._own_forward
     if handle._tracker is not None:
         handle._tracker.remove()
     handle.runtime.cache.clear()

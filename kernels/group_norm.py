@@ -167,6 +167,8 @@ def group_norm_act_triton(
     silu: bool = False,
     write_sum: bool = False,
     launch=None,
+    out: Optional[torch.Tensor] = None,
+    sum_out: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Triton launch (`launch` wraps each kernel, e.g. torch.library.wrap_triton). Returns (y, pre-norm sum or None). y and the sum keep x's memory format."""
     if triton is None:
@@ -179,8 +181,11 @@ def group_norm_act_triton(
     BLOCK_C, BLOCK_HW = _block_sizes(CPG, HW)
     nchunk = triton.cdiv(HW, BLOCK_HW)
     part = torch.empty((B * G, nchunk, 3), device=x.device, dtype=torch.float32)
-    y = torch.empty_like(x)
-    s = torch.empty_like(x) if write_sum else y
+    for name, buf in (("out", out), ("sum_out", sum_out)):
+        if buf is not None and (buf.shape != x.shape or buf.dtype != x.dtype or buf.device != x.device):
+            raise ValueError(f"group_norm_act: {name} must match x ({tuple(x.shape)}, {x.dtype}, {x.device})")
+    y = torch.empty_like(x) if out is None else out
+    s = (torch.empty_like(x) if sum_out is None else sum_out) if write_sum else y
     a = add if add is not None else x
     ch = add_channel if add_channel is not None else x
     scb, scc = (add_channel.stride(0), add_channel.stride(1)) if add_channel is not None else (0, 0)

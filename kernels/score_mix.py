@@ -36,12 +36,15 @@ def check_score_mix_args(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float
         raise ValueError(f"score_mix: mix must lie in [0, 1], got {mix}")
 
 
-def score_mix_triton(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float, launch=None) -> torch.Tensor:
+def score_mix_triton(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float, launch=None, out=None) -> torch.Tensor:
     if triton is None:
         raise RuntimeError("triton is not installed; use the PyTorch reference")
     check_score_mix_args(eps_fr, eps_key, mix)
     fr, key = eps_fr.contiguous(), eps_key.contiguous()
-    out = torch.empty_like(fr)
+    if out is None:
+        out = torch.empty_like(fr)
+    elif out.shape != fr.shape or out.dtype != fr.dtype or out.device != fr.device or not out.is_contiguous():
+        raise ValueError("score_mix: out must be a contiguous tensor matching eps_fr")
     n = fr.numel()
     BLOCK = 1024
     launch = launch or (lambda k: k)

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+
+import frkern
+from frkern.policies import Keyframes
+from reference import lam
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [frkern.NoReuse(), frkern.FRDiff(3, False, 0.4), frkern.Clockwork(4, 2), frkern.DeepCache(5, 1),
+     Keyframes((0, 3, 7), 10, True, 0.5)],
+)
+def test_json_round_trip(policy, tmp_path):
+    assert frkern.from_json(policy.to_json()) == policy
+    path = tmp_path / "p.json"
+    frkern.save_policy(policy, path)
+    assert frkern.load_policy(path) == policy
+
+
+def test_frozen():
+    p = frkern.FRDiff()
+    with pytest.raises(Exception):
+        p.interval = 5
+
+
+def test_lambda_values_match_formula():
+    for n in (10, 25, 50):
+        for i in range(n):
+            assert frkern.score_mix_lambda(i, n) == pytest.approx(lam(i, n), abs=0)
+    # REFERENCE: b = 0.5 gives lambda = 0 for r <= 0.4333 and 1 for r >= 0.5667.
+    assert frkern.score_mix_lambda(433, 1000) == 0.0
+    assert frkern.score_mix_lambda(434, 1000) > 0.0
+    assert frkern.score_mix_lambda(567, 1000) == 1.0
+    assert frkern.score_mix_lambda(566, 1000) < 1.0
+    assert frkern.score_mix_lambda(25, 50) == 0.5
+
+
+def test_frdiff_schedule_n50_m2():
+    plans = frkern.FRDiff(interval=2, score_mix=True).schedule(50)
+    full = [i for i, p in enumerate(plans) if p.keyframe]
+    skipped = [i for i, p in enumerate(plans) if not p.runs_network]
+    fr = [i for i, p in enumerate(plans) if p.runs_network and not p.keyframe]
+    assert full == list(range(0, 50, 2))
+    assert skipped == list(range(1, 22, 2))
+    assert (len(full), len(skipped)) == (25, 11)
+    assert len(fr) == 14 and fr[0] == 23
+
+
+def test_frdiff_without_mixing_never_skips():
+    plans = frkern.FRDiff(interval=3, score_mix=False).schedule(30)
+    assert all(p.runs_network for p in plans)
+    assert [i for i, p in enumerate(plans) if p.keyframe] == list(range(0, 30, 3))
+    assert all(p.mix == 1.0 for p in plans if not p.keyframe)
+
+
+def test_clockwork_and_deepcache_schedules():
+    assert [p.keyframe for p in frkern.Clockwork(clock=3).schedule(7)] == [1, 0, 0, 1, 0, 0, 1]
+    assert [p.keyframe for p in frkern.DeepCache(interval=2).schedule(5)] == [1, 0, 1, 0, 1]
+
+
+def test_keyframes_policy():
+    p = Keyframes(keyframes=(4, 2), num_steps=6)
+    assert p.keyframes == (0, 2, 4)
+    assert [q.keyframe for q in p.schedule(6)] == [1, 0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="made for 6 steps"):
+        p.plan(0, 8)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: frkern.FRDiff(interval=0), "interval"),
+        (lambda: frkern.FRDiff(interval=2.0), "interval"),
+        (lambda: frkern.FRDiff(score_mix="yes"), "score_mix"),
+        (lambda: frkern.FRDiff(bias=float("nan")), "bias"),
+        (lambda: frkern.Clockwork(clock=0), "clock"),
+        (lambda: frkern.DeepCache(branch=-1), "branch"),
+        (lambda: Keyframes((0, 9), num_steps=5), "outside"),
+        (lambda: frkern.from_json("{"), "does not parse"),
+        (lambda: frkern.from_json('{"policy": "Nope"}'), "unknown policy"),
+        (lambda: frkern.from_json('{"policy": "FRDiff", "intervall": 2}'), "unknown fields"),
+        (lambda: frkern.from_json('[1, 2]'), "JSON object"),
+        (lambda: frkern.from_json(json.dumps({"policy": "Keyframes", "keyframes": 3})), "list of ints"),
+    ],
+)
+def test_bad_policies_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
