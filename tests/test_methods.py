@@ -9,9 +9,10 @@ import frkern
 from reference import FRDiffHooks, SegmentHooks, ddim_loop, lam
 from tiny import ddim, sd_inputs, sd_unet, sdxl_unet
 
-# Relative L2 error of each step's UNet output. frkern and the references run the same ops in the
-# same order, so fp32 agrees to rounding noise; bf16 allows accumulated half-precision differences.
-TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# Relative L2 error of each step's UNet output. frkern (torch backend) and the references run the
+# same ops in the same order; on CPU they agree bit for bit in both dtypes (seen: 0.0). The
+# tolerances leave room for backends whose kernels pick algorithms by memory address.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-3}
 STEPS = 8
 
 
