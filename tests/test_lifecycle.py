@@ -1,0 +1,150 @@
+"""Generations, shape changes, stale-cache protection, cache accounting."""
+import pytest
+import torch
+
+import frkern
+from frkern.cache import FeatureCache, signature
+from tiny import make_sd_pipeline, sd_inputs, sd_prompt_kwargs, sd_unet
+from test_pipelines import generate
+
+
+def test_same_seed_twice_gives_identical_images():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    handle = frkern.patch(pipe, frkern.FRDiff(2))
+    a = generate(pipe, prompt, seed=3)
+    gen_a = handle.runtime.cache.generation
+    b = generate(pipe, prompt, seed=3)
+    assert torch.equal(a, b)
+    assert handle.runtime.cache.generation == gen_a + 1  # set_timesteps started a new generation
+
+
+@pytest.mark.parametrize("policy", [frkern.FRDiff(2), frkern.Clockwork(2), frkern.DeepCache(3)])
+def test_batch_resolution_and_steps_may_change_between_calls(policy):
+    pipe = make_sd_pipeline()
+    frkern.patch(pipe, policy)
+    # each result equals what a freshly patched pipeline gives for the same request
+    requests = [dict(size=32, steps=6), dict(size=48, steps=6, num_images_per_prompt=2), dict(size=32, steps=9),
+                dict(size=40, steps=4)]
+    got = [generate(pipe, sd_prompt_kwargs(), **r) for r in requests]
+    for r, g in zip(requests, got):
+        fresh = make_sd_pipeline()
+        frkern.patch(fresh, policy)
+        assert torch.equal(generate(fresh, sd_prompt_kwargs(), **r), g)
+
+
+def test_shape_change_inside_a_generation_recomputes():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    small, ehs_small = sample[:1], ehs[:1]
+    handle.begin(4)
+    with torch.no_grad():
+        unet(sample, 900, ehs)
+        handle.set_step(1)
+        out = unet(small, 800, ehs_small).sample  # a reuse step, but the batch changed
+        handle.set_step(1)
+    assert handle.stats["promoted"] == 1
+    # the promoted call is a full call: equal to the unpatched model
+    frkern.unpatch(unet)
+    with torch.no_grad():
+        assert torch.equal(out, unet(small, 800, ehs_small).sample)
+
+
+def test_weight_change_inside_a_generation_recomputes():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(4)
+    with torch.no_grad():
+        unet(sample, 900, ehs)
+        unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5)
+        handle.set_step(1)
+        out = unet(sample, 800, ehs).sample
+    assert handle.stats["promoted"] == 1
+    frkern.unpatch(unet)
+    with torch.no_grad():
+        assert torch.equal(out, unet(sample, 800, ehs).sample)
+
+
+def test_dtype_change_inside_a_generation_recomputes():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.Clockwork(2), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(4)
+    with torch.no_grad():
+        unet(sample, 900, ehs)
+        unet.to(torch.bfloat16)
+        handle.set_step(1)
+        unet(sample.bfloat16(), 800, ehs.bfloat16())
+    assert handle.stats["promoted"] == 1
+
+
+def test_replacing_the_scheduler_after_patch_is_an_error():
+    from diffusers import EulerDiscreteScheduler
+
+    pipe = make_sd_pipeline()
+    frkern.patch(pipe, frkern.FRDiff())
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(RuntimeError, match="scheduler was replaced"):
+        generate(pipe, sd_prompt_kwargs())
+
+
+def test_failed_call_leaves_no_half_written_keyframe():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(4)
+    with torch.no_grad():
+        with pytest.raises(Exception):
+            unet(sample, 900, ehs[:, :, :5])  # wrong text width: fails inside the network
+        handle.set_step(1)
+        unet(sample, 800, ehs)
+    assert handle.stats["promoted"] == 1 and handle.runtime.mode == "off"
+
+
+def test_cache_size_and_free_on_unpatch():
+    import copy
+
+    from reference import FRDiffHooks
+
+    unet = sd_unet()
+    ref_unet = copy.deepcopy(unet)
+    hooks = FRDiffHooks(ref_unet)
+    handle = frkern.patch(unet, frkern.FRDiff(2), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(2)
+    with torch.no_grad():
+        out = unet(sample, 900, ehs).sample
+        ref_unet(sample, 900, ehs)
+    # the whole CFG batch of every conv1 output and transformer branch, plus the keyframe output
+    expected = sum(t.numel() * t.element_size() for t in hooks.store.values()) + out.numel() * out.element_size()
+    assert handle.cache_bytes == expected
+    assert len(handle.runtime.cache) == len(hooks.store) + 1
+    frkern.unpatch(unet)
+    assert handle.cache_bytes == 0
+
+
+def test_feature_cache_validation():
+    c = FeatureCache()
+    c.new_generation()
+    t = torch.randn(2, 3)
+    c.put("a", t, signature(t))
+    assert c.get("a", signature(t)) is t
+    assert c.get("a", signature(t.double())) is None
+    assert c.get("a", signature(t[:1])) is None
+    assert c.get("b", signature(t)) is None
+    c.new_generation()
+    assert c.get("a", signature(t)) is None and len(c) == 0
+
+
+def test_hand_loop_errors():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff())
+    with pytest.raises(RuntimeError, match="begin"):
+        handle.set_step(0)
+    with pytest.raises(ValueError, match="num_steps"):
+        handle.begin(0)
+    handle.begin(3)
+    with pytest.raises(ValueError, match="step"):
+        handle.set_step(-1)
