@@ -2,6 +2,8 @@
 
 On machines without a GPU the kernel runs in Triton's interpreter (conftest sets TRITON_INTERPRET).
 """
+import zlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,10 +12,11 @@ from frkern import ops
 from frkern.kernels.group_norm import group_norm_act_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# (atol, rtol) against an fp64 evaluation on the same inputs, outputs of order 1-5. bf16 allows a
-# few ulps (2^-8 relative each): the pre-norm sum is rounded to bf16 before the statistics, and
-# Triton's interpreter converts to bf16 by truncation where a GPU rounds to nearest.
-TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (8e-3, 4e-3), torch.bfloat16: (6e-2, 3e-2)}
+# (atol, rtol) against an fp64 evaluation on the same inputs (inputs of magnitude ~10, outputs
+# of order 1-8). bf16: the pre-norm sum is rounded to bf16 (one ulp at 10 is 0.06, i.e. ~0.03 std
+# here, times |weight| up to ~3), and Triton's interpreter converts to bf16 by truncation where a
+# GPU rounds to nearest; seen worst over 60 seeds: 0.136 absolute.
+TOL = {torch.float32: (2e-5, 1e-5), torch.float16: (1e-2, 4e-3), torch.bfloat16: (0.2, 2e-2)}
 
 
 def definition(x, w, b, groups, eps, add, chan, silu):
@@ -52,7 +55,7 @@ def definition(x, w, b, groups, eps, add, chan, silu):
     ],
 )
 def test_group_norm_act_matches_definition(dtype, channels_last, shape, groups, use_add, use_chan, silu, affine):
-    g = torch.Generator().manual_seed(hash((shape, groups, str(dtype), channels_last)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, groups, dtype, channels_last)).encode()))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     # An offset mean makes naive sum/sum-of-squares variance fail.
     x = (torch.randn(shape, generator=g) * 2 + 7).to(DEVICE, dtype).contiguous(memory_format=fmt)
