@@ -158,6 +158,11 @@ class Handle:
     def unpatch(self) -> None:
         unpatch(self.unet)
 
+    def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
+        """One pass of the network in the runtime's current mode, outside step tracking and score
+        mixing (mode "off": plain full compute, nothing cached). Used by frkern.autofr."""
+        return self._orig_forward(sample, timestep, encoder_hidden_states, return_dict=False, **kwargs)[0]
+
     # --- the patched forward -------------------------------------------------------------------
     def _check_scheduler(self) -> None:
         pipe = self._pipeline() if self._pipeline is not None else None

@@ -12,7 +12,7 @@ import torch
 from .cache import FeatureCache
 from .policies import FULL, Policy, StepPlan
 
-OFF, FULL_MODE, REUSE_MODE = "off", "full", "reuse"
+OFF, FULL_MODE, REUSE_MODE, GATED_MODE = "off", "full", "reuse", "gated"
 EPS_UNIT = "unet.out"
 
 
@@ -33,6 +33,11 @@ class Runtime:
         self.slot = 0
         self.mode = OFF
         self._key_sigs: dict[int, tuple] = {}
+        # Auto-FR search (frkern.autofr): every unit is computed fresh and blended with its value
+        # from the previous step, value = gate * fresh + (1 - gate) * previous, differentiably.
+        self.gate: torch.Tensor | None = None
+        self.gated_prev: dict[str, torch.Tensor] = {}
+        self.gated_new: dict[str, torch.Tensor] = {}
         self.stats: collections.Counter = collections.Counter()
 
     # --- step tracking -------------------------------------------------------------------------
@@ -123,3 +128,9 @@ class Runtime:
     def write(self, unit: str, value, sig: tuple) -> None:
         if self.mode == FULL_MODE:
             self.cache.put((self.slot, unit), value, sig)
+
+    def gated(self, unit: str, fresh: torch.Tensor) -> torch.Tensor:
+        prev = self.gated_prev.get(unit)
+        value = fresh if prev is None else self.gate * fresh + (1 - self.gate) * prev
+        self.gated_new[unit] = value
+        return value

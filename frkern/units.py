@@ -14,7 +14,7 @@ from torch import nn
 
 from . import ops
 from .cache import signature
-from .runtime import Runtime
+from .runtime import FULL_MODE, GATED_MODE, Runtime
 
 
 def _primary_input(args, kwargs) -> torch.Tensor:
@@ -70,6 +70,14 @@ class ReusedResnetBlock2D(_Wrapper):
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
 
+    def _keep(self, conv1_out, sig):
+        if not self.cache_unit:
+            return conv1_out
+        if self.runtime.mode == GATED_MODE:
+            return self.runtime.gated(self.unit, conv1_out)
+        self.runtime.write(self.unit, conv1_out, sig)
+        return conv1_out
+
     def forward(self, input_tensor, temb, *args, **kwargs):
         o = self.original
         rt = self.runtime
@@ -82,16 +90,12 @@ class ReusedResnetBlock2D(_Wrapper):
                 hidden = self._norm_act(input_tensor, o.norm1)
                 if o.upsample is not None and hidden.shape[0] >= 64:
                     input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
-                hidden = o.conv1(resample(hidden))
-                if self.cache_unit:
-                    rt.write(self.unit, hidden, sig)
+                hidden = self._keep(o.conv1(resample(hidden)), sig)
             if o.upsample is not None and input_tensor.shape[0] >= 64:
                 input_tensor = input_tensor.contiguous()
             input_tensor = resample(input_tensor)
         elif hidden is None:
-            hidden = o.conv1(self._norm_act(input_tensor, o.norm1))
-            if self.cache_unit:
-                rt.write(self.unit, hidden, sig)
+            hidden = self._keep(o.conv1(self._norm_act(input_tensor, o.norm1)), sig)
 
         if o.time_emb_proj is not None:
             if not o.skip_time_act:
@@ -142,7 +146,7 @@ class ReusedTransformer2D(_Wrapper):
         if branch is not None:
             out = hidden_states + branch
         else:
-            store = self.cache_unit and rt.mode == "full"
+            store = self.cache_unit and rt.mode in (FULL_MODE, GATED_MODE)
             object.__setattr__(self, "_capturing", store)
             try:
                 out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
@@ -154,7 +158,10 @@ class ReusedTransformer2D(_Wrapper):
                 if branch.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
                     b, _, h, w = hidden_states.shape
                     branch = branch.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-                rt.write(self.unit, branch, sig)
+                if rt.mode == GATED_MODE:
+                    out = hidden_states + rt.gated(self.unit, branch)
+                else:
+                    rt.write(self.unit, branch, sig)
         if not return_dict:
             return (out,)
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
