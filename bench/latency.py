@@ -1,6 +1,6 @@
 """frkern's main benchmark: latency, FLOPs and deviation of each policy, with a parity gate.
 
-    python bench/latency.py                       # CPU default: "small" SD1.5-layout UNet, 20 steps
+    python bench/latency.py                       # CPU default: the trained tiny model, 50 steps
     python bench/latency.py --config sd15 --device cuda --dtype float16 --steps 50 --out bench/results
 
 For every method it measures, side by side in one run: the time of one UNet call of each kind
@@ -48,6 +48,10 @@ class Row:
 def build_unet(config: str, dtype, device):
     from diffusers import UNet2DConditionModel
 
+    if config == "tiny":  # the model frkern trained and committed (bench/assets/tiny_model)
+        from tiny_model import load
+
+        return load(device=device, dtype=dtype)[0]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**CONFIGS[config]).eval().to(device=device, dtype=dtype)
     return unet
@@ -56,8 +60,15 @@ def build_unet(config: str, dtype, device):
 def make_inputs(config, unet, batch, dtype, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
+    if config == "tiny":  # real conditioning: class tokens of random classes, null tokens for CFG
+        from tiny_model import load
+
+        tokens = load(device=device, dtype=dtype)[1]
+        labels = torch.randint(0, tokens.num_classes, (batch,), generator=g).to(device)
+        ehs = torch.cat([tokens(torch.full_like(labels, tokens.num_classes)), tokens(labels)])
+        return torch.randn(batch, 3, size, size, generator=g).to(device, dtype), ehs, {}
     text_len, pooled = TEXT[config]
-    latents = torch.randn(batch, 4, size, size, generator=g).to(device, dtype)
+    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(device, dtype)
     ehs = torch.randn(2 * batch, text_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
     kw = {}
     if pooled:
@@ -144,13 +155,14 @@ def policy_from_spec(spec: str) -> frkern.Policy:
 
 
 DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3,score_mix=false",
-                    "Clockwork:clock=2", "DeepCache:interval=3"]
+                    "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--config", default="tiny", choices=["tiny"] + sorted(CONFIGS),
+                    help="tiny: the trained model in bench/assets (real weights); others: real layouts, random weights")
+    ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                     help="default: float16 on CUDA, float32 on CPU")

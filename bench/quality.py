@@ -1,0 +1,179 @@
+"""Latency-quality Pareto curve of frkern's policies on the trained tiny model.
+
+    python bench/quality.py                      # CPU, ~5 min; writes bench/results/quality_tiny.*
+
+From the same noise and labels, reference = full-compute 50-step DDIM. Per method: PSNR and SSIM
+of each image against the reference (scikit-image, images in [0, 1]); SWD, a distribution metric
+against the training data: the sliced Wasserstein distance between 7x7 RGB patches of the samples
+and of random training crops (128 random unit directions, patches standardised by the training
+patches' mean and std; lower is closer; the reference's own SWD is the floor); UNet FLOPs per image
+counted by torch.utils.flop_counter on the actual sampling run (CFG included); wall time per image.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import frkern  # noqa: E402
+from tiny_model import ASSET_DIR, load, load_photos, sample  # noqa: E402
+from train_tiny import random_crops  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def methods(ref_steps: int):
+    """(family, label, policy or None, steps)."""
+    out = [("DDIM (reduced NFE)", f"DDIM-{n}", None, n) for n in (10, 13, 17, 20, 25, 30, 40, ref_steps)]
+    out += [("FRDiff FR only", f"FR M={m}", frkern.FRDiff(m, score_mix=False), ref_steps) for m in (2, 3, 4, 5)]
+    out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
+    out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
+    out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
+    for path in sorted(glob.glob(os.path.join(RESULTS, "autofr_*.policy.json"))):
+        pol = frkern.load_policy(path)
+        out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key)", pol, pol.num_steps))
+    return out
+
+
+def patches(images: np.ndarray, k: int = 7, per_image: int = 64, rng=None) -> np.ndarray:
+    """Random k x k patches, flattened; images N x H x W x 3 in [0, 1]."""
+    n, h, w, _ = images.shape
+    ys = rng.integers(0, h - k + 1, (n, per_image))
+    xs = rng.integers(0, w - k + 1, (n, per_image))
+    out = [images[i, y:y + k, x:x + k].reshape(-1) for i in range(n) for y, x in zip(ys[i], xs[i])]
+    return np.stack(out)
+
+
+def swd(a: np.ndarray, b: np.ndarray, projections: int = 128, seed: int = 0) -> float:
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal((a.shape[1], projections))
+    d /= np.linalg.norm(d, axis=0, keepdims=True)
+    pa, pb = np.sort(a @ d, axis=0), np.sort(b @ d, axis=0)
+    q = np.linspace(0, 1, min(len(pa), len(pb)))
+    qa = np.quantile(pa, q, axis=0)
+    qb = np.quantile(pb, q, axis=0)
+    return float(np.abs(qa - qb).mean())
+
+
+def to01(x: torch.Tensor) -> np.ndarray:
+    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=ASSET_DIR)
+    ap.add_argument("--per-class", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50, help="steps of the reference sampler")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default=RESULTS)
+    args = ap.parse_args(argv)
+
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    torch.set_grad_enabled(False)
+    unet, tokens = load(args.model, device=args.device)
+    labels = torch.arange(tokens.num_classes).repeat_interleave(args.per_class)
+    noise = torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(1234))
+
+    rng = np.random.default_rng(0)
+    crops, _ = random_crops(load_photos(), 512, rng)
+    train_p = patches(to01(crops), rng=rng)
+    mu, sd = train_p.mean(0), train_p.std(0) + 1e-6
+    train_p = (train_p - mu) / sd
+
+    def generate(policy, steps):
+        handle = frkern.patch(unet, policy) if policy is not None else None
+        try:
+            t0 = time.perf_counter()
+            x = sample(unet, tokens, labels, steps=steps, guidance=args.guidance, noise=noise, handle=handle)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            secs = time.perf_counter() - t0
+            with FlopCounterMode(display=False) as fc:
+                sample(unet, tokens, labels, steps=steps, guidance=args.guidance, noise=noise, handle=handle)
+            stats = dict(handle.stats) if handle else {"full": steps}
+        finally:
+            if handle is not None:
+                frkern.unpatch(unet)
+        return x, secs, fc.get_total_flops(), stats
+
+    ref, _, _, _ = generate(None, args.steps)
+    ref01 = to01(ref)
+    rows = []
+    for family, label, policy, steps in methods(args.steps):
+        x, secs, flops, stats = generate(policy, steps)
+        img = to01(x)
+        psnr = [peak_signal_noise_ratio(r, g, data_range=1.0) for r, g in zip(ref01, img)]
+        ssim = [structural_similarity(r, g, data_range=1.0, channel_axis=2, win_size=7) for r, g in zip(ref01, img)]
+        gen_p = (patches(img, rng=np.random.default_rng(1)) - mu) / sd
+        row = dict(family=family, method=label, policy=policy.to_dict() if policy is not None else None, steps=steps,
+                   calls=stats, gflop_per_image=flops / 1e9 / len(labels), ms_per_image=1e3 * secs / len(labels),
+                   psnr=float(np.mean([p for p in psnr if np.isfinite(p)] or [float("inf")])),
+                   psnr_identical=int(sum(not np.isfinite(p) for p in psnr)),
+                   ssim=float(np.mean(ssim)), swd=swd(gen_p, train_p))
+        rows.append(row)
+        print(f"{label:32s} GFLOP/img {row['gflop_per_image']:7.3f}  PSNR {row['psnr']:6.2f}  SSIM {row['ssim']:.4f}  "
+              f"SWD {row['swd']:.4f}  {row['ms_per_image']:.0f} ms/img  {stats}")
+    write(rows, args)
+
+
+def write(rows, args):
+    import diffusers
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(args.out, exist_ok=True)
+    meta = {"command": "python bench/quality.py " + " ".join(sys.argv[1:]), "model": os.path.relpath(args.model),
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "reference": f"DDIM-{args.steps}, guidance {args.guidance}",
+            "images": len(rows) and args.per_class * 8, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    stem = os.path.join(args.out, "quality_tiny")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    lines = ["| family | method | UNet calls full/reuse/skip | GFLOP/image | ms/image (CPU, 1 run) | PSNR dB | SSIM | SWD |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c = r["calls"]
+        calls = f"{c.get('full', 0)}/{c.get('reuse', 0)}/{c.get('skip', 0)}"
+        psnr = "identical" if r["psnr_identical"] == args.per_class * 8 else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['family']} | {r['method']} | {calls} | {r['gflop_per_image']:.3f} | {r['ms_per_image']:.0f} | "
+                     f"{psnr} | {r['ssim']:.4f} | {r['swd']:.4f} |")
+    with open(stem + ".md", "w") as f:
+        f.write("# Quality vs cost on the tiny model\n\n```\n" + json.dumps(meta, indent=1) + "\n```\n\n"
+                + "PSNR/SSIM: against the reference images from the same noise (higher is closer). "
+                "SWD: sliced Wasserstein distance of 7x7 patches to the training data (lower is closer).\n\n"
+                + "\n".join(lines) + "\n")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for family in dict.fromkeys(r["family"] for r in rows):
+        rs = sorted([r for r in rows if r["family"] == family and r["psnr_identical"] == 0], key=lambda r: r["gflop_per_image"])
+        if not rs:
+            continue
+        style = "o" if family == "Auto-FR" else "o-"
+        for ax, key in zip(axes, ("psnr", "ssim")):
+            ax.plot([r["gflop_per_image"] for r in rs], [r[key] for r in rs], style, label=family)
+    for ax, key in zip(axes, ("PSNR to full-compute DDIM-50 (dB)", "SSIM to full-compute DDIM-50")):
+        ax.set_xlabel("UNet GFLOP per image (CFG included)")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("frkern tiny model: quality vs cost (same noise and labels)")
+    fig.tight_layout()
+    fig.savefig(stem + ".png", dpi=110)
+    print(f"wrote {stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()
