@@ -97,21 +97,20 @@ class ReusedResnetBlock2D(_Wrapper):
         elif hidden is None:
             hidden = self._keep(o.conv1(self._norm_act(input_tensor, o.norm1)), sig)
 
+        chan = None  # the time-embedding projection, one value per (batch, channel)
         if o.time_emb_proj is not None:
             if not o.skip_time_act:
                 temb = o.nonlinearity(temb)
-            temb = o.time_emb_proj(temb)
-            if o.time_embedding_norm == "default":
-                hidden = self._norm_act(hidden, o.norm2, add_channel=temb)
-            else:  # scale_shift
-                scale, shift = torch.chunk(temb[:, :, None, None], 2, dim=1)
-                hidden = o.nonlinearity(o.norm2(hidden) * (1 + scale) + shift)
-        else:
-            if temb is not None and o.time_embedding_norm == "default":
+            chan = temb = o.time_emb_proj(temb)
+        if o.time_embedding_norm == "default":
+            if temb is not None and chan is None:
                 hidden = hidden + temb
-            if o.time_embedding_norm == "scale_shift":
+            hidden = self._norm_act(hidden, o.norm2, add_channel=chan)
+        else:  # scale_shift (patch refuses other kinds)
+            if temb is None:
                 raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
-            hidden = self._norm_act(hidden, o.norm2)
+            scale, shift = torch.chunk(temb[:, :, None, None] if chan is not None else temb, 2, dim=1)
+            hidden = o.nonlinearity(o.norm2(hidden) * (1 + scale) + shift)
 
         hidden = o.conv2(o.dropout(hidden))
         if o.conv_shortcut is not None:

@@ -1,0 +1,61 @@
+"""The harnesses run (smoke) and their metrics behave; the committed model loads offline."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+sys.path.insert(0, BENCH)
+
+
+def test_trained_model_loads_offline_with_from_pretrained():
+    from diffusers import UNet2DConditionModel
+
+    from tiny_model import ASSET_DIR, load
+
+    unet = UNet2DConditionModel.from_pretrained(ASSET_DIR)
+    assert unet.config.down_block_types[1] == "CrossAttnDownBlock2D"
+    unet, tokens = load()
+    assert tokens.num_classes == 8
+    size = sum(os.path.getsize(os.path.join(ASSET_DIR, f)) for f in os.listdir(ASSET_DIR))
+    assert size <= 25e6
+
+
+def test_latency_harness_smoke(tmp_path, capsys):
+    import latency
+
+    rows = latency.main(["--steps", "4", "--policies", "FRDiff:interval=2", "Clockwork:clock=2",
+                         "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "parity NoReuse[torch] vs unpatched: max rel err 0.00e+00" in out
+    by = {r.method: r for r in rows}
+    assert by["frkern NoReuse"].deviation == 0.0
+    assert by["frkern FRDiff:interval=2"].calls == {"full": 2, "skip": 1, "reuse": 1}
+    assert by["frkern FRDiff:interval=2"].gflop_per_gen < by["diffusers eager"].gflop_per_gen
+    data = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert data["meta"]["device"].startswith("cpu") and len(data["rows"]) == len(rows)
+
+
+def test_policy_spec_parsing():
+    import latency
+
+    import frkern
+
+    assert latency.policy_from_spec("FRDiff:interval=3,score_mix=false") == frkern.FRDiff(3, score_mix=False)
+    assert latency.policy_from_spec("DeepCache:interval=5,branch=1") == frkern.DeepCache(5, 1)
+    with pytest.raises(ValueError, match="unknown fields"):
+        latency.policy_from_spec("FRDiff:m=3")
+
+
+def test_swd_metric():
+    from quality import swd
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2000, 12))
+    b = rng.standard_normal((2000, 12))
+    assert swd(a, a) == 0.0
+    assert swd(a, b) < 0.1
+    assert swd(a, b + 0.5) > swd(a, b + 0.1) > swd(a, b)
