@@ -21,7 +21,7 @@ export PYTHONUNBUFFERED=1
 python3 -m pytest -q -x tests/test_kernel_group_norm.py tests/test_kernel_score_mix.py tests/test_triton_backend.py \
   2>&1 | tee "$OUT/pytest_gpu.txt" | tail -5
 # 2. each kernel against its unfused sequence
-python3 bench/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | tail -3
+python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | tail -3
 # 3. the main benchmark, SD1.5 then SDXL (fp16, CFG batch 2)
 python3 bench/latency.py --config sd15 --device cuda --dtype float16 --steps 50 --cuda-graph --channels-last \
   $([ "${1:-}" = quick ] || echo --compile) --out "$OUT" 2>&1 | tee "$OUT/latency_sd15.txt" | tail -25

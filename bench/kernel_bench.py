@@ -1,6 +1,6 @@
 """Each fused kernel against the unfused PyTorch sequence it replaces (GPU).
 
-    python bench/kernels.py --out bench/results        # needs CUDA; writes kernels_<device>.csv/.md
+    python bench/kernel_bench.py --out bench/results        # needs CUDA; writes kernels_<device>.csv/.md
 
 Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at 1024x1024.
 Reports medians of triton.testing.do_bench (CUDA events, warm-up), the ratio unfused / fused,
@@ -35,7 +35,7 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/local")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels.py times GPU kernels: no CUDA device here")
+        sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here")
     dtype = getattr(torch, args.dtype)
     bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     rows = []
