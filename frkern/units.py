@@ -10,6 +10,7 @@ whether to compute or to read the cache. Each reuse unit caches exactly one thin
 from __future__ import annotations
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 
 from . import ops
@@ -161,11 +162,7 @@ class ReusedTransformer2D(_Wrapper):
                     out = hidden_states + rt.gated(self.unit, branch)
                 else:
                     rt.write(self.unit, branch, sig)
-        if not return_dict:
-            return (out,)
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=out)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 class CachedSegment(_Wrapper):
