@@ -54,6 +54,18 @@ class FeatureCache:
             return None
         return e.value
 
+    def slot_view(self, slot) -> dict:
+        """unit -> (value, signature) of every current-generation entry of call slot `slot`."""
+        return {
+            key[1]: (e.value, e.sig)
+            for key, e in self._entries.items()
+            if key[0] == slot and e.generation == self.generation
+        }
+
+    def drop_slot(self, slot, keep=()) -> None:
+        for key in [k for k in self._entries if k[0] == slot and k[1] not in keep]:
+            del self._entries[key]
+
     def clear(self) -> None:
         self._entries.clear()
 

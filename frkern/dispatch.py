@@ -43,10 +43,17 @@ SUPPORTED_BLOCKS = (
 _HANDLE_ATTR = "_frkern_handle"
 
 
+def _uncompiled(module):
+    # torch.compile(unet) returns an OptimizedModule around the UNet; patch the UNet inside (the
+    # compiled wrapper calls its forward, so it picks the patch up on its next call).
+    return module._orig_mod if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
+
+
 def _find_unet(target) -> tuple[UNet2DConditionModel, Any]:
+    target = _uncompiled(target)
     if isinstance(target, UNet2DConditionModel):
         return target, None
-    unet = getattr(target, "unet", None)
+    unet = _uncompiled(getattr(target, "unet", None))
     if isinstance(unet, UNet2DConditionModel):
         return unet, target
     raise TypeError(
@@ -172,7 +179,11 @@ class Handle:
                 "set the scheduler first and patch afterwards (or unpatch and patch again)"
             )
 
-    def forward(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+    # The patched forward is three frames: host logic before and after (never traced by
+    # torch.compile: they read the step counter, whose value changes every step) and the network
+    # between them (traced; its guards see only the runtime's mode and its reads/writes dicts).
+    @torch.compiler.disable
+    def _start(self, sample, encoder_hidden_states):
         self._check_scheduler()
         rt = self.runtime
         ehs = encoder_hidden_states
@@ -181,22 +192,45 @@ class Handle:
             signature(ehs) if isinstance(ehs, torch.Tensor) else None,
             rt.weights_token(),
         )
-        plan = rt.start_call(call_sig)
-        try:
-            if not plan.runs_network:
-                out = rt.keyframe_output(call_sig).clone()
-            else:
-                out = self._orig_forward(sample, timestep, ehs, *args, return_dict=False, **kwargs)[0]
-                if plan.keyframe:
-                    if self.policy.keeps_keyframe_output:
-                        rt.store_keyframe_output(out, call_sig)
-                elif plan.mix < 1.0:
-                    out = ops.score_mix(out, rt.keyframe_output(call_sig), plan.mix, backend=self.backend)
-        except BaseException:
-            rt.abort_call()
-            raise
+        return rt.start_call(call_sig), call_sig
+
+    @torch.compiler.disable
+    def _keyframe_output(self, call_sig):
+        return self.runtime.keyframe_output(call_sig)
+
+    @torch.compiler.disable
+    def _finish(self, plan, call_sig, out):
+        rt = self.runtime
+        if plan.keyframe:
+            if self.policy.keeps_keyframe_output:
+                rt.store_keyframe_output(out, call_sig)
+        elif plan.mix < 1.0:
+            out = ops.score_mix(out, rt.keyframe_output(call_sig), plan.mix, backend=self.backend)
         rt.end_call(plan, call_sig)
+        return out
+
+    @torch.compiler.disable
+    def _abort(self):
+        self.runtime.abort_call()
+
+    def forward(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
+        plan, call_sig = self._start(sample, encoder_hidden_states)
+        try:
+            if plan.runs_network:
+                out = self._orig_forward(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+            else:  # a reduced-NFE jump: a copy of the keyframe's output, no network
+                out = _copy(self._keyframe_output(call_sig))
+            out = self._finish(plan, call_sig, out)
+        except BaseException:
+            self._abort()
+            raise
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    # Its own frame, so a compiled UNet compiles it (torch.compile(fullgraph=True) refuses a call
+    # that compiles nothing).
+    return t.clone()
 
 
 def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_graphs: bool = False) -> Handle:
@@ -248,7 +282,9 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     for path in segment_paths:
         handle._swaps.append(_swap(unet, path, CachedSegment(unet.get_submodule(path), rt, path, True)))
 
-    unet.forward = handle.forward
+    # torch.compile must not trace the host-side step logic (its guards would change every step):
+    # the handle's frame is skipped, the network it calls (the UNet's own forward) is compiled.
+    unet.forward = torch.compiler.disable(handle.forward, recursive=False)
     if pipeline is not None:
         handle._tracker = _SchedulerTracker(pipeline.scheduler, rt)
     setattr(unet, _HANDLE_ATTR, handle)

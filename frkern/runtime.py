@@ -33,6 +33,13 @@ class Runtime:
         self.slot = 0
         self.mode = OFF
         self._key_sigs: dict[int, tuple] = {}
+        # What the network may touch during one call: `reads` (unit -> (value, input signature)),
+        # filled on the host from the validated cache before a reuse call, and `writes`, filled by
+        # the wrappers on a full call and committed to the cache after it. Both dicts keep their
+        # identity for the runtime's whole life, so torch.compile and CUDA graphs see the same
+        # objects on every call and never the cache's bookkeeping (generation ids, slots).
+        self.reads: dict[str, tuple] = {}
+        self.writes: dict[str, tuple] = {}
         # Auto-FR search (frkern.autofr): every unit is computed fresh and blended with its value
         # from the previous step, value = gate * fresh + (1 - gate) * previous, differentiably.
         self.gate: torch.Tensor | None = None
@@ -88,6 +95,11 @@ class Runtime:
             plan = FULL
         self.mode = FULL_MODE if plan.keyframe else REUSE_MODE
         self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
+        self.reads.clear()
+        self.writes.clear()
+        if not plan.keyframe:
+            self.reads.update(self.cache.slot_view(self.slot))
+            self.reads.pop(EPS_UNIT, None)
         return plan
 
     def _can_reuse(self, call_sig: tuple, plan: StepPlan) -> bool:
@@ -99,13 +111,21 @@ class Runtime:
 
     def end_call(self, plan: StepPlan, call_sig: tuple) -> None:
         if plan.keyframe:
+            # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
+            self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
+            for unit, (value, sig) in self.writes.items():
+                self.cache.put((self.slot, unit), value, sig)
             self._key_sigs[self.slot] = call_sig
+        self.reads.clear()
+        self.writes.clear()
         self.mode = OFF
         self.slot += 1
 
     def abort_call(self) -> None:
         """A call raised: forget the slot's keyframe so nothing half-written is ever reused."""
         self._key_sigs.pop(self.slot, None)
+        self.reads.clear()
+        self.writes.clear()
         self.mode = OFF
 
     def keyframe_output(self, call_sig: tuple) -> torch.Tensor | None:
@@ -116,18 +136,21 @@ class Runtime:
         self.cache.put((self.slot, EPS_UNIT), out.detach().clone(), call_sig)
 
     # --- for the wrappers ----------------------------------------------------------------------
+    # These run inside the network (and so inside torch.compile's graph): they touch only
+    # `mode`, `reads` and `writes`, whose guards do not change from one step to the next.
     def read(self, unit: str, sig: tuple):
         """The cached value of `unit` for this slot, or None when this call must compute it."""
         if self.mode != REUSE_MODE:
             return None
-        value = self.cache.get((self.slot, unit), sig)
-        if value is None:
+        entry = self.reads.get(unit)
+        if entry is None or entry[1] != sig:
             self.stats["unit_miss"] += 1
-        return value
+            return None
+        return entry[0]
 
     def write(self, unit: str, value, sig: tuple) -> None:
         if self.mode == FULL_MODE:
-            self.cache.put((self.slot, unit), value, sig)
+            self.writes[unit] = (value, sig)
 
     def gated(self, unit: str, fresh: torch.Tensor) -> torch.Tensor:
         prev = self.gated_prev.get(unit)

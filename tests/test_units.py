@@ -4,7 +4,7 @@ import torch
 from diffusers.models.resnet import ResnetBlock2D
 
 from frkern.policies import FRDiff
-from frkern.runtime import FULL_MODE, REUSE_MODE, Runtime
+from frkern.runtime import Runtime
 from frkern.units import ReusedResnetBlock2D
 
 VARIANTS = {
@@ -25,14 +25,20 @@ def test_wrapper_full_step_is_bit_identical_and_reuse_is_the_definition(name):
     block = ResnetBlock2D(**VARIANTS[name]).eval()
     x0, x1 = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     temb = torch.randn(2, 24) if VARIANTS[name]["temb_channels"] else None
-    rt = Runtime(FRDiff(), block.parameters())
+    rt = Runtime(FRDiff(interval=2, score_mix=False), block.parameters())
     rt.begin(2)
     wrapper = ReusedResnetBlock2D(block, rt, "r", True, "torch")
     with torch.no_grad():
-        rt.mode = FULL_MODE
+        call = ("call signature",)
+        plan = rt.start_call(call)  # step 0: keyframe
         assert torch.equal(wrapper(x0, temb), block(x0, temb))
-        rt.mode = REUSE_MODE
+        rt.end_call(plan, call)
+        rt.set_step(1)
+        plan = rt.start_call(call)  # step 1: reuse
+        assert not plan.keyframe
         got = wrapper(x1, temb)
+        rt.end_call(plan, call)
+        assert rt.stats["unit_miss"] == 0
         # definition: conv1's output from the keyframe input, everything else on the fresh input
         stored = {}
         h = block.conv1.register_forward_hook(lambda m, a, o: stored.setdefault("key", o))

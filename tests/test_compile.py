@@ -1,0 +1,99 @@
+"""torch.compile of a patched UNet: one graph per step kind, no graph breaks, no recompiles from
+one step or generation to the next, and the same numbers as the eager patched UNet.
+
+The "eager" dynamo backend is used: graph capture, guards and recompiles are decided by dynamo
+before any backend runs, so they are the same under inductor (bench/compile_check.py measures
+inductor too), and it keeps this file fast on a CPU.
+"""
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import frkern
+from test_pipelines import generate
+from tiny import make_sd_pipeline, make_sdxl_pipeline, sd_prompt_kwargs, sdxl_prompt_kwargs
+
+KINDS = {"sd": (make_sd_pipeline, sd_prompt_kwargs), "sdxl": (make_sdxl_pipeline, sdxl_prompt_kwargs)}
+
+
+def graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+def breaks():
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize(
+    "kind, policy, kinds_of_step",
+    [
+        ("sd", frkern.FRDiff(interval=2), 3),  # full, reuse, and the jump steps' copy (mixing runs outside)
+        ("sdxl", frkern.FRDiff(interval=3, score_mix=False), 2),
+        ("sd", frkern.Clockwork(clock=2), 2),
+        ("sd", frkern.DeepCache(interval=3), 2),
+        ("sd", frkern.NoReuse(), 1),
+    ],
+)
+def test_compiled_patched_unet_has_one_graph_per_step_kind_and_no_recompiles(kind, policy, kinds_of_step):
+    make, prompt_kwargs = KINDS[kind]
+    pipe = make()
+    prompt = prompt_kwargs()
+    handle = frkern.patch(pipe, policy, backend="torch")
+    eager = generate(pipe, prompt, steps=7)
+    eager_stats = handle.stats
+
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+    for generation in range(3):
+        got = generate(pipe, prompt, steps=7)
+        assert torch.equal(got, eager), f"generation {generation} differs from the eager patched UNet"
+        assert handle.stats == eager_stats  # the same steps reused, mixed and skipped
+        if generation == 0:
+            first = graphs()
+            assert first == kinds_of_step
+    assert graphs() == first, "recompiled in steady state"
+    assert breaks() == 0
+
+    # a new resolution compiles new graphs (guards see the shapes) and stays correct
+    other = generate(pipe, prompt, steps=7, size=40)
+    assert graphs() <= first + kinds_of_step
+    pipe.unet = pipe.unet._orig_mod
+    assert torch.equal(other, generate(pipe, prompt, steps=7, size=40))
+
+
+def test_patch_after_compile_and_unpatch_again():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    ref = generate(pipe, prompt, steps=6)
+    fresh = make_sd_pipeline()
+    frkern.patch(fresh, frkern.FRDiff(interval=2))
+    want = generate(fresh, prompt, steps=6)
+
+    torch._dynamo.reset()
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    assert torch.equal(generate(pipe, prompt, steps=6), ref)
+    handle = frkern.patch(pipe, frkern.FRDiff(interval=2))  # finds the UNet inside the compiled wrapper
+    assert handle.unet is pipe.unet._orig_mod
+    assert torch.equal(generate(pipe, prompt, steps=6), want)
+    assert handle.stats["reuse"] > 0
+    frkern.unpatch(pipe)
+    assert torch.equal(generate(pipe, prompt, steps=6), ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=(
+    "needs CUDA: under TRITON_INTERPRET=1 torch's wrap_triton hands back the interpreted kernel, "
+    "which cannot be traced with fake tensors; bench/gpu/run_all.sh runs this on the GPU"))
+def test_compiled_triton_backend_matches_eager_triton_backend():
+    pipe = make_sd_pipeline().to("cuda")
+    prompt = {k: v.cuda() for k, v in sd_prompt_kwargs().items()}
+    frkern.patch(pipe, frkern.FRDiff(interval=2), backend="triton")
+    eager = generate(pipe, prompt, steps=5)
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True)  # inductor, which traces into the kernels
+    got = generate(pipe, prompt, steps=5)
+    assert breaks() == 0
+    # inductor may reorder fp32 arithmetic around the custom ops
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-4
