@@ -30,6 +30,8 @@ import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 
 PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Compiled variants reorder arithmetic; after N steps their latents drift further from eager's.
+COMPILED_RTOL = 1e-2
 
 
 @dataclass
@@ -171,8 +173,12 @@ def main(argv=None):
                     help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5")
     ap.add_argument("--backends", nargs="*", default=None,
                     help="frkern backends to time (default: torch, plus triton on CUDA)")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the plain UNet")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the plain UNet (and, on CUDA, compile + CUDA graph), "
+                         "and each frkern policy with its network compiled (handle.compile())")
     ap.add_argument("--cuda-graph", action="store_true", help="also time the plain UNet captured in a CUDA graph")
+    ap.add_argument("--graphs", default=None, choices=["off", "on", "both"],
+                    help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--out", default="bench/results/local", help="folder for the JSON and markdown results")
     args = ap.parse_args(argv)
@@ -180,6 +186,10 @@ def main(argv=None):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     backends = args.backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
+    graph_modes = {"off": [False], "on": [True], "both": [False, True]}[
+        args.graphs or ("both" if device.type == "cuda" else "off")]
+    if True in graph_modes and device.type != "cuda":
+        ap.error("--graphs on/both needs --device cuda")
     torch.set_grad_enabled(False)
     unet = build_unet(args.config, dtype, device)
     if args.channels_last:
@@ -212,25 +222,46 @@ def main(argv=None):
         rows.append(time_cuda_graph(unet, call_args, bench, args.steps))
     if args.compile:
         rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref))
+        if device.type == "cuda":
+            rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref,
+                                      mode="reduce-overhead"))
     rows += time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref)
 
     for backend in backends:
         if parity_errors[backend] > PARITY_RTOL[dtype]:
             rows.append(Row("frkern (all policies)", backend, note=f"not timed: parity failed ({parity_errors[backend]:.1e})"))
             continue
+        variants = [(g, False) for g in graph_modes] + ([(g, True) for g in graph_modes] if args.compile else [])
         for spec in ["NoReuse"] + list(args.policies):
             policy = policy_from_spec(spec)
-            handle = frkern.patch(unet, policy, backend=backend)
-            row = Row(f"frkern {spec}", backend)
-            run_gen = lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps, handle)  # noqa: E731
-            x = run_gen()
-            row.calls = {k: v for k, v in handle.stats.items()}
-            row.deviation = rel(x, x_ref)
-            row.gflop_per_gen = count_gflop(run_gen)
-            row.ms_per_gen = bench(run_gen)
-            row.ms_full_call, row.ms_reuse_call = time_step_kinds(unet, handle, policy, call_args, bench)
-            frkern.unpatch(unet)
-            rows.append(row)
+            x_eager = None  # this policy's eager latents: graphed and compiled runs must agree with them
+            gflop = float("nan")
+            for graphs, compiled in variants:
+                label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
+                handle = frkern.patch(unet, policy, backend=backend, cuda_graphs=graphs)
+                if compiled:
+                    handle.compile()
+                row = Row(f"frkern {spec}", label)
+                run_gen = lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps, handle)  # noqa: E731
+                x = run_gen()
+                row.calls = {k: v for k, v in handle.stats.items()}
+                row.deviation = rel(x, x_ref)
+                if x_eager is None:
+                    x_eager = x
+                elif rel(x, x_eager) > (COMPILED_RTOL if compiled else PARITY_RTOL[dtype]) or torch.isnan(x).any():
+                    row.note = f"not timed: differs from eager {spec} by {rel(x, x_eager):.1e}"
+                    frkern.unpatch(unet)
+                    rows.append(row)
+                    continue
+                if not (graphs or compiled):  # FLOPs do not depend on graphs or compilation
+                    gflop = count_gflop(run_gen)
+                row.gflop_per_gen = gflop
+                row.ms_per_gen = bench(run_gen)
+                row.ms_full_call, row.ms_reuse_call = time_step_kinds(unet, handle, policy, call_args, bench)
+                if graphs:
+                    row.note = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
+                frkern.unpatch(unet)
+                rows.append(row)
 
     report(rows, args, device, dtype, parity_errors)
     return rows
@@ -273,9 +304,10 @@ def time_cuda_graph(unet, call_args, bench, steps):
     return row
 
 
-def time_compiled(unet, call_args, latents, ehs, kw, steps, bench, x_ref):
-    row = Row("torch.compile (default)", calls={"full": steps})
-    cu = torch.compile(copy.deepcopy(unet))
+def time_compiled(unet, call_args, latents, ehs, kw, steps, bench, x_ref, mode=None):
+    name = "torch.compile" + (" + CUDA graph (mode reduce-overhead)" if mode == "reduce-overhead" else " (default)")
+    row = Row(name, calls={"full": steps})
+    cu = torch.compile(copy.deepcopy(unet), mode=mode)
     t0 = time.perf_counter()
     cu(*call_args[0], **call_args[1])
     row.note = f"compile {time.perf_counter() - t0:.0f} s"

@@ -27,6 +27,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from . import ops
 from .cache import signature
+from .graphs import GraphRunner
 from .policies import Policy
 from .runtime import Runtime
 from .segments import segment_cut
@@ -131,6 +132,8 @@ class Handle:
         self._tracker: _SchedulerTracker | None = None
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
         self._orig_forward = unet.forward
+        self._network = self._orig_forward  # what runs the network (handle.compile replaces it)
+        self.graphs = GraphRunner(self._run_network_fn, self.runtime) if cuda_graphs else None
         self._own_forward = unet.__dict__.get("forward")  # restored as found by unpatch
         self.active = False
 
@@ -164,6 +167,22 @@ class Handle:
 
     def unpatch(self) -> None:
         unpatch(self.unet)
+
+    def compile(self, **compile_kwargs) -> "Handle":
+        """Run the network through torch.compile(**compile_kwargs) (inside the CUDA graphs too,
+        with cuda_graphs=True); frkern's step logic stays eager around it. Equivalent to compiling
+        the patched UNet yourself (torch.compile(unet)), which also works."""
+        self._network = torch.compile(self._orig_forward, **compile_kwargs)
+        return self
+
+    def _run_network_fn(self, *args, **kwargs):
+        return self._network(*args, **kwargs)
+
+    @property
+    def graph_stats(self) -> dict:
+        """With cuda_graphs=True: captures, replays, read_copies (cached features copied into a
+        graph because the keyframe came from elsewhere), evicted."""
+        return dict(self.graphs.stats) if self.graphs is not None else {}
 
     def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
         """One pass of the network in the runtime's current mode, outside step tracking and score
@@ -210,14 +229,20 @@ class Handle:
         return out
 
     @torch.compiler.disable
+    def _replay(self, call_sig, sample, timestep, ehs, args, kwargs):
+        return self.graphs.run(call_sig, sample, timestep, ehs, args, kwargs)
+
+    @torch.compiler.disable
     def _abort(self):
         self.runtime.abort_call()
 
     def forward(self, sample, timestep, encoder_hidden_states=None, *args, return_dict: bool = True, **kwargs):
         plan, call_sig = self._start(sample, encoder_hidden_states)
         try:
-            if plan.runs_network:
-                out = self._orig_forward(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
+            if plan.runs_network and self.graphs is not None:
+                out = self._replay(call_sig, sample, timestep, encoder_hidden_states, args, kwargs)
+            elif plan.runs_network:
+                out = self._network(sample, timestep, encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
             else:  # a reduced-NFE jump: a copy of the keyframe's output, no network
                 out = _copy(self._keyframe_output(call_sig))
             out = self._finish(plan, call_sig, out)
@@ -248,8 +273,8 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
             f"DeepCache), got {type(policy).__name__}"
         )
     ops.check_backend(backend)
-    if cuda_graphs:
-        raise NotImplementedError("frkern.patch: cuda_graphs=True is not implemented yet")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"frkern.patch: cuda_graphs must be a bool, got {cuda_graphs!r}")
     unet, pipeline = _find_unet(target)
     if getattr(unet, _HANDLE_ATTR, None) is not None:
         raise RuntimeError("frkern.patch: this UNet is already patched; call frkern.unpatch first")
@@ -311,5 +336,7 @@ def unpatch(target) -> None:
     if handle._tracker is not None:
         handle._tracker.remove()
     handle.runtime.cache.clear()
+    if handle.graphs is not None:
+        handle.graphs.clear()
     delattr(unet, _HANDLE_ATTR)
     handle.active = False

@@ -1,0 +1,182 @@
+"""CUDA graphs for a patched UNet: one graph per (call slot, step kind, inputs' structure), replayed.
+
+What a graph touches outside itself, and how each is kept at a fixed address:
+- inputs (sample, timestep, encoder states, every tensor in the other arguments): copied into the
+  graph's static buffers before each replay;
+- cached features a reuse step reads (`runtime.reads`): the graph keeps the tensors it was captured
+  with; if the cache now holds other tensors (a keyframe computed outside this graph), their values
+  are copied in. In steady state the cache holds exactly the full graph's own output buffers, so a
+  reuse replay copies nothing;
+- features a full step writes (`runtime.writes`): they live in the full graph's memory pool and are
+  rewritten in place by each replay; the runtime commits them to the cache after the call, so the
+  next reuse graph reads them where they are;
+- the UNet output: a static buffer, cloned on return (schedulers such as PLMS keep past outputs).
+
+Each graph has a private memory pool: sharing one would let a later capture place its live outputs
+in an earlier graph's scratch memory. Host-side decisions (step, policy, cache validation) stay in
+Python around the replay, as in eager mode.
+
+`capture` is pluggable: `cuda_capture` uses torch.cuda.CUDAGraph; tests on machines without a GPU
+use `EmulatedCapture`, which re-runs the function and copies its results into the captured
+outputs, with the same static-buffer contract (so buffer bugs show up on a CPU too).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .runtime import FULL_MODE, REUSE_MODE, Runtime
+
+
+def cuda_capture(fn: Callable[[], Any], warmup: int = 2):
+    """Warm `fn` up on a side stream (Triton/cuDNN/compile work happens here), capture it into a
+    CUDA graph with a private pool, and return (replay, outputs of the capture)."""
+    stream = torch.cuda.Stream()  # raises on a machine without CUDA
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph.replay, outputs
+
+
+class EmulatedCapture:
+    """Stand-in for cuda_capture where there is no GPU: `replay` re-runs `fn` and copies every
+    output tensor into the buffers the capture returned, as a CUDA graph rewrites them in place.
+    Counts captures and replays so tests can check what was (re)captured."""
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def __call__(self, fn: Callable[[], Any], warmup: int = 2):
+        self.captures += 1
+        outputs = fn()
+        static, _ = tree_flatten(outputs)
+
+        def replay():
+            self.replays += 1
+            fresh, _ = tree_flatten(fn())
+            for s, f in zip(static, fresh):
+                if isinstance(s, torch.Tensor):
+                    s.copy_(f)
+
+        return replay, outputs
+
+
+@dataclass
+class _Graph:
+    replay: Callable[[], None]
+    static_leaves: list  # the input tensors' static buffers, in flatten order (None for non-tensors)
+    out: torch.Tensor
+    writes: dict = field(default_factory=dict)  # unit -> (tensor in the graph's pool, sig)
+    reads: dict = field(default_factory=dict)  # unit -> (tensor the graph reads, sig)
+
+
+def _leaf_key(x):
+    if isinstance(x, torch.Tensor):
+        return ("tensor", tuple(x.shape), x.dtype, x.device)
+    return ("value", x)
+
+
+class GraphRunner:
+    """Owns the captured graphs of one patched UNet."""
+
+    def __init__(self, network: Callable, runtime: Runtime, capture=cuda_capture, max_graphs: int = 16):
+        self.network = network
+        self.runtime = runtime
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
+        self.stats: collections.Counter = collections.Counter()
+        self._weights = None
+
+    def clear(self) -> None:
+        self.graphs.clear()
+
+    def run(self, call_sig: tuple, sample, timestep, encoder_hidden_states, args: tuple, kwargs: dict):
+        """The network's output for this call, by replaying (capturing first if needed) its graph."""
+        rt = self.runtime
+        if rt.mode not in (FULL_MODE, REUSE_MODE):
+            raise RuntimeError(f"frkern: CUDA graphs run full and reuse calls only, not mode {rt.mode!r}")
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "frkern: cuda_graphs=True replays inference graphs only; run sampling under "
+                "torch.no_grad() or torch.inference_mode() (diffusers pipelines do)"
+            )
+        if not isinstance(timestep, torch.Tensor):
+            # As UNet2DConditionModel.forward does for Python numbers, but on the device up front:
+            # a host-to-device copy cannot be captured.
+            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+        leaves, spec = tree_flatten((sample, timestep, encoder_hidden_states, args, kwargs))
+        try:
+            key = (rt.slot, rt.mode, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
+                   tuple((u, e[1]) for u, e in rt.reads.items()))
+            hash(key)
+        except TypeError as e:  # an unhashable non-tensor argument: its value cannot key a graph
+            raise TypeError(f"frkern: cuda_graphs=True needs hashable non-tensor UNet arguments: {e}") from e
+
+        if call_sig[-1] != self._weights:  # weights replaced: every graph points at old memory
+            self.clear()
+            self._weights = call_sig[-1]
+        graph = self.graphs.get(key)
+        if graph is None:
+            if sample.device.type != "cuda" and self.capture is cuda_capture:
+                raise RuntimeError(f"frkern: cuda_graphs=True needs the UNet and its inputs on CUDA, got {sample.device}")
+            graph = self._capture(leaves, spec, sample.device)
+            self.graphs[key] = graph
+            while len(self.graphs) > self.max_graphs:
+                self.graphs.popitem(last=False)
+                self.stats["evicted"] += 1
+        else:
+            self.graphs.move_to_end(key)
+            for static, x in zip(graph.static_leaves, leaves):
+                if static is not None:
+                    static.copy_(x)
+        self._sync_reads(graph)
+        graph.replay()
+        self.stats["replays"] += 1
+        rt.writes.clear()
+        rt.writes.update(graph.writes)
+        return graph.out.clone()
+
+    def _sync_reads(self, graph: _Graph) -> None:
+        rt = self.runtime
+        for unit, (captured, sig) in graph.reads.items():
+            current = rt.reads[unit][0]  # the key holds the same units and signatures
+            if current is not captured:
+                # a segment's value may be a tuple of tensors (DeepCache's skip branches)
+                for cur, cap in zip(tree_flatten(current)[0], tree_flatten(captured)[0]):
+                    if isinstance(cap, torch.Tensor) and cur.data_ptr() != cap.data_ptr():
+                        cap.copy_(cur)
+                        self.stats["read_copies"] += 1
+            rt.reads[unit] = (captured, sig)
+
+    def _capture(self, leaves, spec, device) -> _Graph:
+        rt = self.runtime
+        static_leaves = [
+            x.detach().to(device, copy=True) if isinstance(x, torch.Tensor) else None for x in leaves
+        ]
+        static_args = tree_unflatten([s if s is not None else x for s, x in zip(static_leaves, leaves)], spec)
+        reads = dict(rt.reads)  # the graph keeps these tensors alive: it reads their memory
+
+        def fn():
+            rt.writes.clear()
+            rt.reads.clear()
+            rt.reads.update(reads)
+            sample, timestep, ehs, args, kwargs = static_args
+            out = self.network(sample, timestep, ehs, *args, return_dict=False, **kwargs)[0]
+            return out, dict(rt.writes)
+
+        replay, (out, writes) = self.capture(fn)
+        self.stats["captures"] += 1
+        # The capture recorded work without running it (CUDA); run() replays it next.
+        return _Graph(replay, static_leaves, out, writes, reads)
