@@ -181,6 +181,7 @@ def main(argv=None):
                     help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--out", default="bench/results/local", help="folder for the JSON and markdown results")
+    ap.add_argument("--tag", default="", help="suffix of the result files (several runs, one folder)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -385,7 +386,8 @@ def report(rows, args, device, dtype, parity_errors):
         "parity_max_rel_err": parity_errors, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"latency_{args.config}_{device.type}_{str(dtype).split('.')[-1]}_{args.steps}steps")
+    stem = os.path.join(args.out, f"latency_{args.config}_{device.type}_{str(dtype).split('.')[-1]}_{args.steps}steps"
+                        + (f"_{args.tag}" if args.tag else ""))
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [r.__dict__ for r in rows]}, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:

@@ -14,6 +14,9 @@ from tiny import make_sd_pipeline, make_sdxl_pipeline, sd_inputs, sd_prompt_kwar
 
 KINDS = {"sd": (make_sd_pipeline, sd_prompt_kwargs), "sdxl": (make_sdxl_pipeline, sdxl_prompt_kwargs)}
 CUDA = torch.cuda.is_available()
+# With a GPU the Triton kernels run inside real graphs too; without one they are covered by
+# test_triton_backend.py (interpreter) and the emulated capture would only re-run them.
+BACKENDS = ["torch", "triton"] if CUDA else ["torch"]
 
 
 def graphed(pipe, policy, **kw):
@@ -30,6 +33,7 @@ def on_device(pipe, prompt):
     return pipe, prompt
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind, policy, step_kinds", [
     ("sd", frkern.FRDiff(interval=2), 2),
     ("sdxl", frkern.FRDiff(interval=3, score_mix=False), 2),
@@ -37,14 +41,14 @@ def on_device(pipe, prompt):
     ("sdxl", frkern.DeepCache(interval=3, branch=1), 2),
     ("sd", frkern.NoReuse(), 1),
 ])
-def test_graphs_equal_the_eager_patched_unet_and_capture_once_per_step_kind(kind, policy, step_kinds):
+def test_graphs_equal_the_eager_patched_unet_and_capture_once_per_step_kind(kind, policy, step_kinds, backend):
     make, prompt_kwargs = KINDS[kind]
     eager_pipe, prompt = on_device(make(), prompt_kwargs())
-    eager_handle = frkern.patch(eager_pipe, policy, backend="torch")
+    eager_handle = frkern.patch(eager_pipe, policy, backend=backend)
     want = generate(eager_pipe, prompt, steps=7)
 
     pipe, prompt = on_device(make(), prompt_kwargs())
-    handle = graphed(pipe, policy, backend="torch")
+    handle = graphed(pipe, policy, backend=backend)
     for generation in range(2):
         got = generate(pipe, prompt, steps=7)
         assert torch.equal(got, want), f"generation {generation}"
@@ -130,7 +134,7 @@ def test_replaced_weights_drop_every_graph():
     if CUDA:
         unet, plain = unet.cuda(), plain.cuda()
         inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
-    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), cuda_graphs=True)
+    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), cuda_graphs=True, backend="torch")
     if not CUDA:
         handle.graphs.capture = EmulatedCapture()
     _loop(unet, handle, inputs, 2)
@@ -157,9 +161,8 @@ def test_graph_errors_are_clear():
     handle.set_step(0)
     with pytest.raises(RuntimeError, match="torch.no_grad"):
         unet(sample, 10, ehs)
-    if not CUDA:
-        with torch.no_grad(), pytest.raises(RuntimeError, match="on CUDA, got cpu"):
-            unet(sample, 10, ehs)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="on CUDA, got cpu"):
+        unet(sample, 10, ehs)
     handle.graphs.capture = EmulatedCapture()
     with torch.no_grad(), pytest.raises(TypeError, match="hashable"):
         unet(sample, 10, ehs, cross_attention_kwargs={"scale": {1.0}})
