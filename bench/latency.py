@@ -160,6 +160,7 @@ DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3
                     "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="tiny", choices=["tiny"] + sorted(CONFIGS),
@@ -191,7 +192,6 @@ def main(argv=None):
         args.graphs or ("both" if device.type == "cuda" else "off")]
     if True in graph_modes and device.type != "cuda":
         ap.error("--graphs on/both needs --device cuda")
-    torch.set_grad_enabled(False)
     unet = build_unet(args.config, dtype, device)
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)

@@ -68,6 +68,7 @@ def to01(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
+@torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=ASSET_DIR)
@@ -80,7 +81,6 @@ def main(argv=None):
 
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    torch.set_grad_enabled(False)
     unet, tokens = load(args.model, device=args.device)
     labels = torch.arange(tokens.num_classes).repeat_interleave(args.per_class)
     noise = torch.randn(len(labels), 3, 32, 32, generator=torch.Generator().manual_seed(1234))

@@ -223,7 +223,7 @@ class Handle:
         if plan.keyframe:
             if self.policy.keeps_keyframe_output:
                 rt.store_keyframe_output(out, call_sig)
-        elif plan.mix < 1.0:
+        elif plan.runs_network and plan.mix < 1.0:
             out = ops.score_mix(out, rt.keyframe_output(call_sig), plan.mix, backend=self.backend)
         rt.end_call(plan, call_sig)
         return out

@@ -124,10 +124,12 @@ def test_clockwork_skips_inner_blocks_and_the_outer_downsampler():
     assert sorted(calls) == ["conv_in", "up_blocks.2"]
 
 
-def test_score_mixing_jump_steps_do_not_run_the_network():
+def test_score_mixing_jump_steps_do_not_run_the_network(monkeypatch):
     unet = sd_unet()
-    calls = []
+    calls, mixes = [], []
     unet.conv_in.register_forward_hook(lambda *a: calls.append(1))
+    blend = frkern.ops.score_mix
+    monkeypatch.setattr(frkern.ops, "score_mix", lambda fr, key, mix, **kw: (mixes.append(mix), blend(fr, key, mix, **kw))[1])
     handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=True), backend="torch")
     sample, ehs, _ = sd_inputs(unet)
     handle.begin(10)
@@ -141,3 +143,6 @@ def test_score_mixing_jump_steps_do_not_run_the_network():
     assert torch.equal(outs[1], outs[0]) and torch.equal(outs[3], outs[2])
     assert outs[1] is not outs[0]  # a copy: the caller may change it in place
     assert handle.stats == {"full": 5, "skip": 2, "reuse": 3}
+    # the blend runs on reuse steps only (and only where lambda < 1), never on jumps
+    plans = handle.schedule(10)
+    assert mixes == [p.mix for p in plans if not p.keyframe and 0 < p.mix < 1]
