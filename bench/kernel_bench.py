@@ -1,6 +1,6 @@
 """Each fused kernel against the unfused PyTorch sequence it replaces (GPU).
 
-    python bench/kernel_bench.py --out bench/results        # needs CUDA; writes kernels_<device>.csv/.md
+    python bench/kernel_bench.py --out bench/results        # needs CUDA; writes kernels_<device>_<dtype>.csv
 
 Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at 1024x1024.
 Reports medians of triton.testing.do_bench (CUDA events, warm-up), the ratio unfused / fused,
@@ -13,6 +13,7 @@ import argparse
 import csv
 import os
 import sys
+import time
 
 import torch
 
@@ -24,6 +25,8 @@ from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # no
 GN_SHAPES = [("sd15 64x64x320", 2, 320, 64, 64), ("sd15 32x32x640", 2, 640, 32, 32),
              ("sd15 16x16x1280", 2, 1280, 16, 16), ("sd15 8x8x1280", 2, 1280, 8, 8),
              ("sdxl 128x128x320", 2, 320, 128, 128), ("sdxl 32x32x1280", 2, 1280, 32, 32)]
+# --smoke: the same code path on tiny shapes, for the tests (CPU, Triton interpreter); not timings
+SMOKE_SHAPES = [("smoke 5x7x32", 2, 32, 5, 7)]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
 
 
@@ -33,20 +36,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--out", default="bench/results/local")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, one untimed-quality run each")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here")
     dtype = getattr(torch, args.dtype)
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
+    if args.smoke:
+        device, shapes, n_mix = ("cuda" if torch.cuda.is_available() else "cpu"), SMOKE_SHAPES, (100,)
+
+        def bench(fn):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here (--smoke runs tiny shapes anywhere)")
+        device, shapes, n_mix = "cuda", GN_SHAPES, (2 * 4 * 64 * 64, 2 * 4 * 128 * 128)
+        bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     rows = []
-    for name, B, C, H, W in GN_SHAPES:
+    for name, B, C, H, W in shapes:
         for fmt in ("nchw", "channels_last"):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-            x = torch.randn(B, C, H, W, device="cuda", dtype=dtype).contiguous(memory_format=mf)
+            x = torch.randn(B, C, H, W, device=device, dtype=dtype).contiguous(memory_format=mf)
             cached = torch.randn_like(x)
-            temb = torch.randn(B, C, device="cuda", dtype=dtype)
-            w = torch.randn(C, device="cuda", dtype=dtype)
-            b = torch.randn(C, device="cuda", dtype=dtype)
+            temb = torch.randn(B, C, device=device, dtype=dtype)
+            w = torch.randn(C, device=device, dtype=dtype)
+            b = torch.randn(C, device=device, dtype=dtype)
             cases = {
                 "norm1: GN+SiLU": (dict(add=None, add_channel=None), 2),
                 "FR step: cached+temb+GN+SiLU": (dict(add=None, add_channel=temb), 2),
@@ -66,9 +79,9 @@ def main(argv=None):
                     row.update(ms_fused=tf, ms_unfused=tu, speedup=tu / tf, gbps_fused=nbytes / tf / 1e6)
                 rows.append(row)
                 print(row)
-    for n in (2 * 4 * 64 * 64, 2 * 4 * 128 * 128):
-        fr = torch.randn(n, device="cuda", dtype=dtype)
-        key = torch.randn(n, device="cuda", dtype=dtype)
+    for n in n_mix:
+        fr = torch.randn(n, device=device, dtype=dtype)
+        key = torch.randn(n, device=device, dtype=dtype)
         err = (score_mix_triton(fr, key, 0.3).float() - score_mix_reference(fr, key, 0.3).float()).abs().max().item()
         tf = bench(lambda: score_mix_triton(fr, key, 0.3))
         tu = bench(lambda: score_mix_reference(fr, key, 0.3))
@@ -76,14 +89,15 @@ def main(argv=None):
                          ms_fused=tf, ms_unfused=tu, speedup=tu / tf, gbps_fused=3 * n * fr.element_size() / tf / 1e6))
         print(rows[-1])
     os.makedirs(args.out, exist_ok=True)
-    dev = torch.cuda.get_device_name().replace(" ", "_")
+    dev = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
     stem = os.path.join(args.out, f"kernels_{dev}_{args.dtype}")
     keys = ["shape", "format", "case", "dtype", "max_abs_err", "ms_fused", "ms_unfused", "speedup", "gbps_fused", "note"]
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
         wr.writerows(rows)
-    print(f"wrote {stem}.csv (device {torch.cuda.get_device_name()}, torch {torch.__version__})")
+    print(f"wrote {stem}.csv (device {dev}, torch {torch.__version__})")
+    return rows
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 
+# Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
+GRAPH_CAPTURE = None
 PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Compiled variants reorder arithmetic; after N steps their latents drift further from eager's.
 COMPILED_RTOL = 1e-2
@@ -177,6 +179,7 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="also time torch.compile of the plain UNet (and, on CUDA, compile + CUDA graph), "
                          "and each frkern policy with its network compiled (handle.compile())")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     ap.add_argument("--cuda-graph", action="store_true", help="also time the plain UNet captured in a CUDA graph")
     ap.add_argument("--graphs", default=None, choices=["off", "on", "both"],
                     help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
@@ -190,7 +193,7 @@ def main(argv=None):
     backends = args.backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
     graph_modes = {"off": [False], "on": [True], "both": [False, True]}[
         args.graphs or ("both" if device.type == "cuda" else "off")]
-    if True in graph_modes and device.type != "cuda":
+    if True in graph_modes and device.type != "cuda" and GRAPH_CAPTURE is None:
         ap.error("--graphs on/both needs --device cuda")
     unet = build_unet(args.config, dtype, device)
     if args.channels_last:
@@ -222,9 +225,9 @@ def main(argv=None):
     if args.cuda_graph and device.type == "cuda":
         rows.append(time_cuda_graph(unet, call_args, bench, args.steps))
     if args.compile:
-        rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref))
+        rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref, args.compile_backend))
         if device.type == "cuda":
-            rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref,
+            rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref, args.compile_backend,
                                       mode="reduce-overhead"))
     rows += time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref)
 
@@ -240,8 +243,10 @@ def main(argv=None):
             for graphs, compiled in variants:
                 label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
                 handle = frkern.patch(unet, policy, backend=backend, cuda_graphs=graphs)
+                if graphs and GRAPH_CAPTURE is not None:
+                    handle.graphs.capture = GRAPH_CAPTURE
                 if compiled:
-                    handle.compile()
+                    handle.compile(backend=args.compile_backend)
                 row = Row(f"frkern {spec}", label)
                 run_gen = lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps, handle)  # noqa: E731
                 x = run_gen()
@@ -305,10 +310,10 @@ def time_cuda_graph(unet, call_args, bench, steps):
     return row
 
 
-def time_compiled(unet, call_args, latents, ehs, kw, steps, bench, x_ref, mode=None):
+def time_compiled(unet, call_args, latents, ehs, kw, steps, bench, x_ref, backend, mode=None):
     name = "torch.compile" + (" + CUDA graph (mode reduce-overhead)" if mode == "reduce-overhead" else " (default)")
-    row = Row(name, calls={"full": steps})
-    cu = torch.compile(copy.deepcopy(unet), mode=mode)
+    row = Row(name, backend, calls={"full": steps})
+    cu = torch.compile(copy.deepcopy(unet), backend=backend, mode=mode)
     t0 = time.perf_counter()
     cu(*call_args[0], **call_args[1])
     row.note = f"compile {time.perf_counter() - t0:.0f} s"

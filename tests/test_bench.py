@@ -39,6 +39,36 @@ def test_latency_harness_smoke(tmp_path, capsys):
     assert data["meta"]["device"].startswith("cpu") and len(data["rows"]) == len(rows)
 
 
+def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
+    # The GPU-only rows' code (frkern + graphs, + compile) run on a CPU: graphs emulated, compile
+    # through dynamo's eager backend. Timings here mean nothing; the rows' logic is what is tested.
+    import latency
+
+    from frkern.graphs import EmulatedCapture
+
+    monkeypatch.setattr(latency, "GRAPH_CAPTURE", EmulatedCapture())
+    rows = latency.main(["--steps", "4", "--policies", "FRDiff:interval=2", "--graphs", "both", "--compile",
+                         "--compile-backend", "eager", "--out", str(tmp_path), "--tag", "t"])
+    by = {(r.method, r.backend): r for r in rows}
+    assert by[("torch.compile (default)", "eager")].deviation == 0.0
+    eager = by[("frkern FRDiff:interval=2", "torch")]
+    for label in ("torch+graphs", "torch+compile", "torch+graphs+compile"):
+        r = by[("frkern FRDiff:interval=2", label)]
+        assert r.deviation == eager.deviation and r.calls == eager.calls and r.ms_per_gen > 0
+        assert "not timed" not in r.note
+    assert by[("frkern FRDiff:interval=2", "torch+graphs")].note.startswith("graphs: captures 2")
+    assert (tmp_path / "latency_tiny_cpu_float32_4steps_t.json").exists()
+
+
+def test_kernel_bench_smoke(tmp_path):
+    import kernel_bench
+
+    rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--out", str(tmp_path)])
+    assert len(rows) == 2 * 3 + 1  # 2 formats x 3 cases + the score mix
+    assert all(r["max_abs_err"] <= kernel_bench.TOL[torch.float32] and "note" not in r for r in rows)
+    assert (tmp_path / "kernels_cpu_float32.csv").exists()
+
+
 def test_policy_spec_parsing():
     import latency
 

@@ -170,3 +170,26 @@ def test_graph_errors_are_clear():
         assert torch.equal(unet(sample, 10, ehs).sample, sd_unet()(sample, 10, ehs).sample)
     with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
         frkern.patch(sd_unet(), frkern.NoReuse(), cuda_graphs="yes")
+
+
+def test_compiled_network_inside_graphs():
+    # handle.compile(): frkern's graphs capture the compiled network (eager dynamo backend here).
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    policy = frkern.FRDiff(interval=2)
+    eager, prompt = on_device(make_sd_pipeline(), sd_prompt_kwargs())
+    frkern.patch(eager, policy, backend="torch")
+    want = generate(eager, prompt, steps=6)
+    pipe, prompt = on_device(make_sd_pipeline(), sd_prompt_kwargs())
+    handle = graphed(pipe, policy, backend="torch").compile(backend="eager" if not CUDA else "inductor")
+    torch._dynamo.reset()
+    counters.clear()
+    for _ in range(2):
+        got = generate(pipe, prompt, steps=6)
+        if CUDA:
+            assert ((got - want).norm() / want.norm()).item() < 1e-4
+        else:
+            assert torch.equal(got, want)
+    assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
+    assert handle.graph_stats["captures"] == 2
