@@ -193,3 +193,22 @@ def test_compiled_network_inside_graphs():
             assert torch.equal(got, want)
     assert counters["stats"]["unique_graphs"] == 2 and sum(counters["graph_break"].values()) == 0
     assert handle.graph_stats["captures"] == 2
+
+
+@pytest.mark.parametrize("policy", [frkern.FRDiff(interval=2), frkern.Clockwork(clock=2), frkern.DeepCache(interval=3)])
+def test_every_step_kind_runs_on_meta_tensors(policy):
+    # A CUDA graph cannot capture a device-to-host read (.item(), printing, data-dependent shapes).
+    # Meta tensors have no data, so any such read in frkern's step logic or in the patched
+    # network fails here, on a CPU.
+    with torch.device("meta"):
+        unet = sd_unet()
+        sample, ehs = torch.empty(2, 4, 16, 16), torch.empty(2, 7, unet.config.cross_attention_dim)
+    handle = frkern.patch(unet, policy, backend="torch", cuda_graphs=True)
+    handle.graphs.capture = lambda fn, warmup=2: ((lambda: None), fn())  # replay: nothing to run
+    handle.begin(8)
+    with torch.no_grad():
+        for i in range(8):
+            handle.set_step(i)
+            out = unet(sample, torch.empty((), dtype=torch.long, device="meta"), ehs).sample
+            assert out.shape == sample.shape and out.device.type == "meta"
+    assert handle.stats["reuse"] > 0 and handle.graph_stats["captures"] == 2
