@@ -23,11 +23,11 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
+from flops import count_gflop  # noqa: E402
 
 # Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
 GRAPH_CAPTURE = None
@@ -123,12 +123,6 @@ def timer(device):
         return statistics.median(ts)
 
     return cpu_median
-
-
-def count_gflop(fn) -> float:
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return fc.get_total_flops() / 1e9
 
 
 def rel(a, b) -> float:

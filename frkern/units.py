@@ -118,7 +118,10 @@ class ReusedResnetBlock2D(_Wrapper):
             if self.training:
                 input_tensor = input_tensor.contiguous()
             input_tensor = o.conv_shortcut(input_tensor)
-        return (input_tensor + hidden) / o.output_scale_factor
+        out = input_tensor + hidden
+        # diffusers always divides; by 1.0 (every SD/SDXL block) that is an exact no-op and a full
+        # extra pass over the block's output, so it is skipped.
+        return out / o.output_scale_factor if o.output_scale_factor != 1.0 else out
 
 
 class ReusedTransformer2D(_Wrapper):

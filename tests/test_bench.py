@@ -89,3 +89,35 @@ def test_swd_metric():
     assert swd(a, a) == 0.0
     assert swd(a, b) < 0.1
     assert swd(a, b + 0.5) > swd(a, b + 0.1) > swd(a, b)
+
+
+def test_step_anatomy_counts_the_flops_of_real_calls():
+    # The analytical per-op anatomy (meta device, flash-attention model) against the FLOP counter
+    # on real CPU calls of the same layout, full and reuse (attention included: bench/flops.py).
+    from flops import count_gflop
+    from step_anatomy import anatomy
+
+    from configs import CONFIGS, TEXT
+    from diffusers import UNet2DConditionModel
+
+    import frkern
+
+    policy = frkern.FRDiff(interval=3)
+    res = anatomy("small", policy, dtype=torch.float32)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**CONFIGS["small"]).eval()
+    x = torch.randn(2, 4, 32, 32)
+    ehs = torch.randn(2, TEXT["small"][0], unet.config.cross_attention_dim)
+    handle = frkern.patch(unet, policy, backend="torch")
+    plans = policy.schedule(50)
+    reuse = next(i for i, p in enumerate(plans) if not p.keyframe and p.runs_network)
+    real = {}
+    handle.begin(50)
+    with torch.no_grad():
+        for kind, step in [("full", 0), ("key", max(i for i in range(reuse) if plans[i].keyframe)), ("reuse", reuse)]:
+            handle.set_step(step)
+            real[kind] = count_gflop(lambda: unet(x, 500, ehs))
+    for kind in ("full", "reuse"):
+        assert res[kind]["total"]["gflop"] == pytest.approx(real[kind], rel=1e-3)
+        assert res[kind]["total"]["mb"] > 0 and res[kind]["total"]["floor_us"] > 0
+    assert res["reuse"]["total"]["floor_us"] < 0.5 * res["full"]["total"]["floor_us"]
