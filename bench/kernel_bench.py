@@ -18,6 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
 from frkern.kernels.group_norm import group_norm_act_reference, group_norm_act_triton  # noqa: E402
 from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # noqa: E402
 
@@ -25,8 +26,12 @@ from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # no
 GN_SHAPES = [("sd15 64x64x320", 2, 320, 64, 64), ("sd15 32x32x640", 2, 640, 32, 32),
              ("sd15 16x16x1280", 2, 1280, 16, 16), ("sd15 8x8x1280", 2, 1280, 8, 8),
              ("sdxl 128x128x320", 2, 320, 128, 128), ("sdxl 32x32x1280", 2, 1280, 32, 32)]
+# (name, tokens, 2 x inner): GEGLU projections of the feed-forward layers, batch 2
+GEGLU_SHAPES = [("sd15 64x64 ff", 2 * 4096, 2560), ("sd15 32x32 ff", 2 * 1024, 5120), ("sd15 16x16 ff", 2 * 256, 10240),
+                ("sdxl 64x64 ff", 2 * 4096, 5120), ("sdxl 32x32 ff", 2 * 1024, 10240)]
 # --smoke: the same code path on tiny shapes, for the tests (CPU, Triton interpreter); not timings
 SMOKE_SHAPES = [("smoke 5x7x32", 2, 32, 5, 7)]
+SMOKE_GEGLU = [("smoke ff", 6, 40)]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
 
 
@@ -41,6 +46,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         device, shapes, n_mix = ("cuda" if torch.cuda.is_available() else "cpu"), SMOKE_SHAPES, (100,)
+        geglu_shapes = SMOKE_GEGLU
 
         def bench(fn):
             t0 = time.perf_counter()
@@ -50,6 +56,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here (--smoke runs tiny shapes anywhere)")
         device, shapes, n_mix = "cuda", GN_SHAPES, (2 * 4 * 64 * 64, 2 * 4 * 128 * 128)
+        geglu_shapes = GEGLU_SHAPES
         bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     rows = []
     for name, B, C, H, W in shapes:
@@ -88,6 +95,18 @@ def main(argv=None):
         rows.append(dict(shape=f"{n} elems", format="-", case="score mix", dtype=args.dtype, max_abs_err=err,
                          ms_fused=tf, ms_unfused=tu, speedup=tu / tf, gbps_fused=3 * n * fr.element_size() / tf / 1e6))
         print(rows[-1])
+    for name, tokens, width in geglu_shapes:
+        x = torch.randn(tokens, width, device=device, dtype=dtype)
+        err = (geglu_triton(x).float() - geglu_reference(x).float()).abs().max().item()
+        row = dict(shape=name, format="-", case="GEGLU gate", dtype=args.dtype, max_abs_err=err)
+        if not err <= TOL[dtype]:
+            row.update(note="not timed: error over tolerance")
+        else:
+            tf, tu = bench(lambda: geglu_triton(x)), bench(lambda: geglu_reference(x))
+            nbytes = x.numel() * x.element_size() * 3 // 2  # read x, write half
+            row.update(ms_fused=tf, ms_unfused=tu, speedup=tu / tf, gbps_fused=nbytes / tf / 1e6)
+        rows.append(row)
+        print(row)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
     stem = os.path.join(args.out, f"kernels_{dev}_{args.dtype}")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from diffusers import UNet2DConditionModel
+from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from diffusers.models.unets.unet_2d_blocks import (
@@ -31,12 +32,13 @@ from .graphs import GraphRunner
 from .policies import Policy
 from .runtime import Runtime
 from .segments import segment_cut
-from .units import CachedSegment, ReusedResnetBlock2D, ReusedTransformer2D
+from .units import CachedSegment, FusedGEGLU, ReusedResnetBlock2D, ReusedTransformer2D
 
-# diffusers class -> (wrapper, which policy reuse kind makes it cache its unit)
-UNIT_WRAPPERS: dict[type, tuple[type, str]] = {
+# diffusers class -> (wrapper, the policy reuse kind that makes it cache its unit, or None)
+UNIT_WRAPPERS: dict[type, tuple[type, str | None]] = {
     ResnetBlock2D: (ReusedResnetBlock2D, "units"),
     Transformer2DModel: (ReusedTransformer2D, "units"),
+    GEGLU: (FusedGEGLU, None),
 }
 SUPPORTED_BLOCKS = (
     CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UNetMidBlock2D, CrossAttnUpBlock2D, UpBlock2D,
@@ -296,16 +298,12 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     units = [(n, m) for n, m in unet.named_modules() if type(m) in UNIT_WRAPPERS]
     for name, module in units:
         wrapper_cls, cache_kind = UNIT_WRAPPERS[type(module)]
-        cache_unit = policy.reuse == cache_kind
-        if wrapper_cls is ReusedTransformer2D and not cache_unit:
-            continue  # nothing to fuse or cache in a transformer that is not reused
-        if wrapper_cls is ReusedResnetBlock2D:
-            wrapper = wrapper_cls(module, rt, name, cache_unit, backend)
-        else:
-            wrapper = wrapper_cls(module, rt, name, cache_unit)
-        handle._swaps.append(_swap(unet, name, wrapper))
+        cache_unit = cache_kind is not None and policy.reuse == cache_kind
+        if not cache_unit and not wrapper_cls.swap_when_not_cached:
+            continue
+        handle._swaps.append(_swap(unet, name, wrapper_cls(module, rt, name, cache_unit, backend)))
     for path in segment_paths:
-        handle._swaps.append(_swap(unet, path, CachedSegment(unet.get_submodule(path), rt, path, True)))
+        handle._swaps.append(_swap(unet, path, CachedSegment(unet.get_submodule(path), rt, path, True, backend)))
 
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the UNet's own forward) is compiled.

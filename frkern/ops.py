@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .kernels import geglu as _gg
 from .kernels import group_norm as _gn
 from .kernels import score_mix as _sm
 
@@ -66,6 +67,11 @@ if triton_available():
         return _sm.score_mix_triton(eps_fr, eps_key, mix, launch=torch.library.wrap_triton)
 
 
+    @torch.library.triton_op("frkern::geglu", mutates_args=())
+    def _geglu_op(x: torch.Tensor) -> torch.Tensor:
+        return _gg.geglu_triton(x, launch=torch.library.wrap_triton)
+
+
 def group_norm_act(
     x: torch.Tensor,
     norm: torch.nn.GroupNorm,
@@ -87,3 +93,10 @@ def score_mix(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float, *, backen
         return _score_mix_op(eps_fr, eps_key, float(mix))
     _sm.check_score_mix_args(eps_fr, eps_key, mix)
     return _sm.score_mix_reference(eps_fr, eps_key, mix)
+
+
+def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """h * gelu(gate) for (h, gate) = x.chunk(2, -1)."""
+    if use_triton(backend, x):
+        return _geglu_op(x)
+    return _gg.geglu_reference(x)

@@ -6,6 +6,7 @@ whether to compute or to read the cache. Each reuse unit caches exactly one thin
 - ReusedResnetBlock2D: conv1's output, conv1(SiLU(norm1(x))) (FRDiff's S(x)).
 - ReusedTransformer2D: the residual branch (the output minus the input).
 - CachedSegment: a whole module's output (Clockwork's and DeepCache's inner blocks).
+FusedGEGLU caches nothing: it only swaps in a fused kernel.
 """
 from __future__ import annotations
 
@@ -26,13 +27,17 @@ def _primary_input(args, kwargs) -> torch.Tensor:
 
 
 class _Wrapper(nn.Module):
-    def __init__(self, original: nn.Module, runtime: Runtime, unit: str, cache_unit: bool):
+    # Swapped in even when the policy caches nothing here (it runs fused kernels)?
+    swap_when_not_cached: bool = True
+
+    def __init__(self, original: nn.Module, runtime: Runtime, unit: str, cache_unit: bool, backend: str):
         super().__init__()
         # Plain attributes (not submodules), so named_modules / state_dict keys are unchanged.
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "runtime", runtime)
         self.unit = unit
         self.cache_unit = cache_unit
+        self.backend = backend
         # Direct dict copies: register_* would refuse names that __getattr__ already resolves.
         self._modules.update(original._modules)
         self._parameters.update(original._parameters)
@@ -60,8 +65,7 @@ class ReusedResnetBlock2D(_Wrapper):
     and conv1's output cached on keyframes and read on reuse steps."""
 
     def __init__(self, original, runtime, unit, cache_unit, backend):
-        super().__init__(original, runtime, unit, cache_unit)
-        self.backend = backend
+        super().__init__(original, runtime, unit, cache_unit, backend)
         self.silu = isinstance(original.nonlinearity, nn.SiLU)
 
     def _norm_act(self, x, norm, add_channel=None):
@@ -128,8 +132,10 @@ class ReusedTransformer2D(_Wrapper):
     """Transformer2DModel whose residual branch (norm, proj_in, blocks, proj_out) is cached on
     keyframes; a reuse step is `x + cached` and runs nothing else."""
 
-    def __init__(self, original, runtime, unit, cache_unit):
-        super().__init__(original, runtime, unit, cache_unit)
+    swap_when_not_cached = False  # nothing fused: only there to cache
+
+    def __init__(self, original, runtime, unit, cache_unit, backend):
+        super().__init__(original, runtime, unit, cache_unit, backend)
         object.__setattr__(self, "_captured", None)
         object.__setattr__(self, "_capturing", False)
         # proj_out's output is the branch before diffusers adds the input back.
@@ -166,6 +172,16 @@ class ReusedTransformer2D(_Wrapper):
                 else:
                     rt.write(self.unit, branch, sig)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
+
+
+class FusedGEGLU(_Wrapper):
+    """diffusers' GEGLU (feed-forward activation of SD/SDXL transformer blocks) with the gate,
+    h * gelu(g), as one fused op after the projection. Caches nothing."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args or kwargs.get("scale") is not None:  # deprecated arguments: diffusers' own path
+            return self.original(hidden_states, *args, **kwargs)
+        return ops.geglu(self.original.proj(hidden_states), backend=self.backend)
 
 
 class CachedSegment(_Wrapper):

@@ -64,7 +64,7 @@ def test_kernel_bench_smoke(tmp_path):
     import kernel_bench
 
     rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 3 + 1  # 2 formats x 3 cases + the score mix
+    assert len(rows) == 2 * 3 + 1 + 1  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU
     assert all(r["max_abs_err"] <= kernel_bench.TOL[torch.float32] and "note" not in r for r in rows)
     assert (tmp_path / "kernels_cpu_float32.csv").exists()
 

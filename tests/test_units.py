@@ -49,3 +49,29 @@ def test_wrapper_full_step_is_bit_identical_and_reuse_is_the_definition(name):
         h.remove()
     assert torch.equal(got, want)
     assert not torch.equal(got, block(x1, temb))
+
+
+def test_geglu_wrapper_is_swapped_for_every_policy_and_matches_diffusers():
+    from diffusers.models.activations import GEGLU
+
+    import frkern
+    from frkern.units import FusedGEGLU
+    from tiny import sd_unet
+
+    for policy in (frkern.NoReuse(), frkern.FRDiff(2), frkern.Clockwork(2)):
+        unet = sd_unet()
+        n = sum(type(m) is GEGLU for m in unet.modules())
+        assert n > 0
+        frkern.patch(unet, policy)
+        assert sum(type(m) is FusedGEGLU for m in unet.modules()) == n
+        assert not any(type(m) is GEGLU for m in unet.modules())
+        frkern.unpatch(unet)
+        assert sum(type(m) is GEGLU for m in unet.modules()) == n
+
+    torch.manual_seed(0)
+    geglu = GEGLU(16, 24)
+    x = torch.randn(2, 5, 16)
+    for backend, tol in (("torch", 0.0), ("triton", 1e-5)):
+        wrapped = FusedGEGLU(geglu, None, "g", False, backend)
+        with torch.no_grad():
+            torch.testing.assert_close(wrapped(x), geglu(x), atol=tol, rtol=tol)
