@@ -7,6 +7,11 @@ import frkern
 from tiny import sd_inputs, sd_unet, sdxl_unet
 
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # backend="triton" needs CUDA tensors there
+
+
+def on_device(unet, *tensors):
+    return (unet.to(DEVICE),) + tuple(t.to(DEVICE) for t in tensors)
 
 
 def rel(a, b):
@@ -17,6 +22,8 @@ def rel(a, b):
 def test_noreuse_triton_matches_unpatched(kind):
     unet = sd_unet() if kind == "sd" else sdxl_unet()
     sample, ehs, kw = sd_inputs(unet, size=8)
+    unet, sample, ehs = on_device(unet, sample, ehs)
+    kw = {k: {n: t.to(DEVICE) for n, t in v.items()} for k, v in kw.items()}
     with torch.no_grad():
         ref = unet(sample, 321, ehs, **kw).sample
     handle = frkern.patch(unet, frkern.NoReuse(), backend="triton")
@@ -33,6 +40,7 @@ def test_frdiff_triton_matches_torch_backend(dtype):
     for backend in ("torch", "triton"):
         unet = sd_unet().to(dtype)
         sample, ehs, _ = sd_inputs(unet, size=8, dtype=dtype)
+        unet, sample, ehs = on_device(unet, sample, ehs)
         handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=True, bias=0.0), backend=backend)
         handle.begin(4)
         res = []

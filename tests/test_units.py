@@ -69,8 +69,9 @@ def test_geglu_wrapper_is_swapped_for_every_policy_and_matches_diffusers():
         assert sum(type(m) is GEGLU for m in unet.modules()) == n
 
     torch.manual_seed(0)
-    geglu = GEGLU(16, 24)
-    x = torch.randn(2, 5, 16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # triton: the interpreter on a CPU
+    geglu = GEGLU(16, 24).to(device)
+    x = torch.randn(2, 5, 16, device=device)
     for backend, tol in (("torch", 0.0), ("triton", 1e-5)):
         wrapped = FusedGEGLU(geglu, None, "g", False, backend)
         with torch.no_grad():

@@ -28,7 +28,7 @@ SD15="--config sd15 --device cuda --dtype float16 --steps 50 --channels-last --o
 case "$STAGE" in
   tests)
     python3 -m pytest -q -p no:cacheprovider tests/test_kernel_group_norm.py tests/test_kernel_score_mix.py \
-      tests/test_triton_backend.py tests/test_graphs.py tests/test_compile.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15 ;;
+      tests/test_kernel_geglu.py tests/test_units.py tests/test_triton_backend.py tests/test_graphs.py tests/test_compile.py 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15 ;;
   kernels)
     python3 bench/kernel_bench.py --out "$OUT" 2>&1 | tee "$OUT/kernels.txt" | tail -30 ;;
   sd15)
