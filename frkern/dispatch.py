@@ -129,7 +129,7 @@ class Handle:
         self.policy = policy
         self.backend = backend
         self.cuda_graphs = cuda_graphs
-        self.runtime = Runtime(policy, unet.parameters())
+        self.runtime = Runtime(policy, unet.parameters)
         self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self._tracker: _SchedulerTracker | None = None
         self._swaps: list[tuple[nn.Module, str, nn.Module]] = []

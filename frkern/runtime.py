@@ -6,6 +6,7 @@ user's `set_step`, so the host can run ahead of the GPU.
 from __future__ import annotations
 
 import collections
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,10 +25,13 @@ class Runtime:
     slots). Reuse reads only what the same slot stored on the last keyframe.
     """
 
-    def __init__(self, policy: Policy, params):
+    def __init__(self, policy: Policy, params: Callable[[], Iterable[torch.Tensor]]):
         self.policy = policy
         self.cache = FeatureCache()
-        self._params = list(params)
+        # Re-listed at every generation, so parameters added since (adapters, swapped modules) are
+        # watched too; within a generation in-place updates and replaced tensors are detected.
+        self._param_source = params
+        self._params = list(params())
         self.num_steps: int | None = None
         self.step = 0
         self.slot = 0
@@ -53,6 +57,7 @@ class Runtime:
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         self.cache.new_generation()
+        self._params = list(self._param_source())
         self._key_sigs.clear()
         self.num_steps = num_steps
         self.step = 0

@@ -67,6 +67,26 @@ def test_weight_change_inside_a_generation_recomputes():
         assert torch.equal(out, unet(sample, 800, ehs).sample)
 
 
+def test_parameters_added_after_patch_are_watched_from_the_next_generation():
+    # e.g. an adapter injected between generations: its weights must invalidate the cache too
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    torch.manual_seed(5)
+    new_conv = torch.nn.Conv2d(4, unet.conv_in.out_channels, 3, padding=1)
+    unet.conv_in = new_conv
+    handle.begin(4)
+    with torch.no_grad():
+        unet(sample, 900, ehs)
+        new_conv.weight.mul_(1.5)
+        handle.set_step(1)
+        out = unet(sample, 800, ehs).sample
+    assert handle.stats["promoted"] == 1
+    frkern.unpatch(unet)
+    with torch.no_grad():
+        assert torch.equal(out, unet(sample, 800, ehs).sample)
+
+
 def test_dtype_change_inside_a_generation_recomputes():
     unet = sd_unet()
     handle = frkern.patch(unet, frkern.Clockwork(2), backend="torch")
