@@ -262,6 +262,8 @@ def main(argv=None):
                     row.note = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
                 frkern.unpatch(unet)
                 rows.append(row)
+                # results so far on disk after every row: a GPU call cut off at its time limit keeps them
+                report(rows, args, device, dtype, parity_errors, quiet=True)
 
     report(rows, args, device, dtype, parity_errors)
     return rows
@@ -359,7 +361,7 @@ def time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref):
     return rows
 
 
-def report(rows, args, device, dtype, parity_errors):
+def report(rows, args, device, dtype, parity_errors, quiet=False):
     import diffusers
 
     base = rows[0]
@@ -375,7 +377,8 @@ def report(rows, args, device, dtype, parity_errors):
                  f"{r.ms_per_gen:.1f}", f"{speed:.2f}x", f"{r.deviation:.4f}", r.note]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines)
-    print(table)
+    if not quiet:
+        print(table)
     meta = {
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
@@ -392,7 +395,8 @@ def report(rows, args, device, dtype, parity_errors):
     with open(stem + ".md", "w") as f:
         f.write(f"# latency: {args.config}, {args.steps} steps, batch {args.batch}, {dtype}, {meta['device']}\n\n")
         f.write("```\n" + json.dumps(meta, indent=1, default=str) + "\n```\n\n" + table + "\n")
-    print(f"wrote {stem}.json and {stem}.md")
+    if not quiet:
+        print(f"wrote {stem}.json and {stem}.md")
 
 
 def _version(mod):
