@@ -12,9 +12,7 @@ facts do not depend on the backend; "eager" skips code generation and takes seco
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from record import save_json  # noqa: E402
 from tiny_model import load, sample  # noqa: E402
 
 
@@ -64,16 +63,11 @@ def main(argv=None):
     dev = (eager - ref).abs().max().item()
     print(f"deviation of the patched output from full compute: {dev:.3e}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"compile_check_tiny_{args.backend}_{args.policy.split(':')[0]}.json")
-        with open(path, "w") as f:
-            json.dump({"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-                       "device": f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
-                       "policy": args.policy, "backend": args.backend, "steps": args.steps,
-                       "eager_patched_seconds": round(eager_s, 3), "calls_per_generation": handle.stats,
-                       "generations": per_gen}, f, indent=1)
+        path = save_json(args.out, f"compile_check_tiny_{args.backend}_{args.policy.split(':')[0]}", {
+            "policy": args.policy, "backend": args.backend, "steps": args.steps,
+            "eager_patched_seconds": round(eager_s, 3), "calls_per_generation": handle.stats,
+            "generations": per_gen})
         print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

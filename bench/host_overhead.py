@@ -12,9 +12,7 @@ are for this machine's CPU; a GPU host's CPU will differ.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -25,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from record import save_json  # noqa: E402
 
 
 def no_device_capture(fn, warmup=0):
@@ -77,15 +76,10 @@ def main(argv=None):
           f"of which the weights check: {token_us:.1f} us ({len(handle.runtime._params)} parameters); "
           f"graphs {handle.graph_stats}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"host_overhead_{args.config}_{args.policy.split(':')[0]}.json")
-        with open(path, "w") as f:
-            json.dump({"command": " ".join(["python"] + sys.argv), "torch": torch.__version__,
-                       "cpu": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                       "median_host_us_per_call": result, "weights_check_us": round(token_us, 1),
-                       "graph_stats": handle.graph_stats}, f, indent=1)
+        path = save_json(args.out, f"host_overhead_{args.config}_{args.policy.split(':')[0]}", {
+            "median_host_us_per_call": result, "weights_check_us": round(token_us, 1),
+            "graph_stats": handle.graph_stats})
         print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()

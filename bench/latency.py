@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from flops import count_gflop  # noqa: E402
+from record import device_name, provenance  # noqa: E402
 
 # Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
 GRAPH_CAPTURE = None
@@ -200,7 +200,7 @@ def main(argv=None):
 
     print(f"# frkern latency: config={args.config} steps={args.steps} batch={args.batch} (UNet batch "
           f"{2 * args.batch}) dtype={dtype} device={device} "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor()}")
+          f"{device_name(device)}")
     rows: list[Row] = []
     parity_errors = {b: parity(unet, call_args, b, dtype) for b in backends}
     for b, e in parity_errors.items():
@@ -362,8 +362,6 @@ def time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref):
 
 
 def report(rows, args, device, dtype, parity_errors, quiet=False):
-    import diffusers
-
     base = rows[0]
     head = ["method", "backend", "UNet calls (full/reuse/skip)", "GFLOP/gen", "ms full call", "ms reuse call",
             "ms/gen", "speed-up", "rel. dev. of latents", "note"]
@@ -379,14 +377,8 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
     table = "\n".join(lines)
     if not quiet:
         print(table)
-    meta = {
-        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "triton": _version("triton"), "python": platform.python_version(),
-        "config": args.config, "steps": args.steps, "batch": args.batch, "dtype": str(dtype),
-        "parity_max_rel_err": parity_errors, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
+    meta = {**provenance(device), "config": args.config, "steps": args.steps, "batch": args.batch,
+            "dtype": str(dtype), "parity_max_rel_err": parity_errors}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"latency_{args.config}_{device.type}_{str(dtype).split('.')[-1]}_{args.steps}steps"
                         + (f"_{args.tag}" if args.tag else ""))
@@ -398,12 +390,6 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
     if not quiet:
         print(f"wrote {stem}.json and {stem}.md")
 
-
-def _version(mod):
-    try:
-        return __import__(mod).__version__
-    except Exception:
-        return None
 
 
 if __name__ == "__main__":

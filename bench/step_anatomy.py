@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import os
 import sys
 
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from record import save_json  # noqa: E402
 
 # ops that move no data (allocation, aliasing)
 FREE_OPS = (torch.ops.aten.detach, torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
@@ -179,10 +179,10 @@ def main(argv=None):
     text = "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"anatomy_{args.config}_{args.policy.split(':')[0]}")
-        with open(stem + ".json", "w") as f:
-            json.dump({"command": " ".join(["python"] + sys.argv), "torch": torch.__version__, "result": res}, f, indent=1)
+        name = f"anatomy_{args.config}_{args.policy.split(':')[0]}"
+        save_json(args.out, name, {"kind": "analytical estimate from op shapes (meta device), not a measurement",
+                                   "tflops": args.tflops, "tbps": args.tbps, "result": res})
+        stem = os.path.join(args.out, name)
         with open(stem + ".md", "w") as f:
             f.write(text + "\n")
         print(f"wrote {stem}.json and {stem}.md")
