@@ -19,11 +19,22 @@ CUDA = torch.cuda.is_available()
 BACKENDS = ["torch", "triton"] if CUDA else ["torch"]
 
 
-def graphed(pipe, policy, **kw):
-    handle = frkern.patch(pipe, policy, cuda_graphs=True, **kw)
+def graphed(target, policy, **kw):
+    """frkern.patch(target (pipeline or UNet), cuda_graphs=True), emulated where there is no GPU."""
+    handle = frkern.patch(target, policy, cuda_graphs=True, **kw)
     if not CUDA:
         handle.graphs.capture = EmulatedCapture()
     return handle
+
+
+def unets_and_inputs():
+    """Two equal tiny UNets (one to graph, one as the eager reference) and inputs, on the device."""
+    unet, ref_unet = sd_unet(), sd_unet()
+    inputs = sd_inputs(unet)
+    if CUDA:
+        unet, ref_unet = unet.cuda(), ref_unet.cuda()
+        inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
+    return unet, ref_unet, inputs
 
 
 def on_device(pipe, prompt):
@@ -105,16 +116,10 @@ def _loop(unet, handle, inputs, steps, offset=0.0, float_keyframes=False):
 
 
 def test_reuse_graph_copies_features_it_did_not_capture():
-    unet, ref_unet = sd_unet(), sd_unet()
-    inputs = sd_inputs(unet)
-    if CUDA:
-        unet, ref_unet = unet.cuda(), ref_unet.cuda()
-        inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
+    unet, ref_unet, inputs = unets_and_inputs()
     policy = frkern.FRDiff(interval=3, score_mix=False)
     ref = frkern.patch(ref_unet, policy)
-    handle = frkern.patch(unet, policy, cuda_graphs=True)
-    if not CUDA:
-        handle.graphs.capture = EmulatedCapture()
+    handle = graphed(unet, policy)
     for g, w in zip(_loop(unet, handle, inputs, 6), _loop(ref_unet, ref, inputs, 6)):
         assert torch.equal(g, w)
     assert handle.graph_stats.get("read_copies", 0) == 0
@@ -129,14 +134,8 @@ def test_reuse_graph_copies_features_it_did_not_capture():
 
 
 def test_replaced_weights_drop_every_graph():
-    unet, plain = sd_unet(), sd_unet()
-    inputs = sd_inputs(unet)
-    if CUDA:
-        unet, plain = unet.cuda(), plain.cuda()
-        inputs = tuple(x.cuda() if isinstance(x, torch.Tensor) else x for x in inputs)
-    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), cuda_graphs=True, backend="torch")
-    if not CUDA:
-        handle.graphs.capture = EmulatedCapture()
+    unet, plain, inputs = unets_and_inputs()
+    handle = graphed(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
     _loop(unet, handle, inputs, 2)
     assert len(handle.graphs.graphs) == 2
     with torch.no_grad():

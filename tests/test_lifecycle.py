@@ -51,40 +51,36 @@ def test_shape_change_inside_a_generation_recomputes():
         assert torch.equal(out, unet(small, 800, ehs_small).sample)
 
 
-def test_weight_change_inside_a_generation_recomputes():
-    unet = sd_unet()
+def assert_weight_change_promotes(unet, change, after_patch=lambda: None):
+    """Patch, `after_patch()`, keyframe, `change()` the weights, then a reuse step: it must run in
+    full (promoted) and equal the unpatched model with the changed weights."""
     handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
+    after_patch()
     sample, ehs, _ = sd_inputs(unet)
     handle.begin(4)
     with torch.no_grad():
         unet(sample, 900, ehs)
-        unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5)
+        change()
         handle.set_step(1)
         out = unet(sample, 800, ehs).sample
     assert handle.stats["promoted"] == 1
     frkern.unpatch(unet)
     with torch.no_grad():
         assert torch.equal(out, unet(sample, 800, ehs).sample)
+
+
+def test_weight_change_inside_a_generation_recomputes():
+    unet = sd_unet()
+    assert_weight_change_promotes(unet, lambda: unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5))
 
 
 def test_parameters_added_after_patch_are_watched_from_the_next_generation():
-    # e.g. an adapter injected between generations: its weights must invalidate the cache too
+    # e.g. an adapter injected after patch, before the next generation starts
     unet = sd_unet()
-    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
-    sample, ehs, _ = sd_inputs(unet)
     torch.manual_seed(5)
     new_conv = torch.nn.Conv2d(4, unet.conv_in.out_channels, 3, padding=1)
-    unet.conv_in = new_conv
-    handle.begin(4)
-    with torch.no_grad():
-        unet(sample, 900, ehs)
-        new_conv.weight.mul_(1.5)
-        handle.set_step(1)
-        out = unet(sample, 800, ehs).sample
-    assert handle.stats["promoted"] == 1
-    frkern.unpatch(unet)
-    with torch.no_grad():
-        assert torch.equal(out, unet(sample, 800, ehs).sample)
+    assert_weight_change_promotes(unet, lambda: new_conv.weight.mul_(1.5),
+                                  after_patch=lambda: setattr(unet, "conv_in", new_conv))
 
 
 def test_dtype_change_inside_a_generation_recomputes():
