@@ -31,10 +31,10 @@ from .policies import (  # noqa: E402
     save_policy,
     score_mix_lambda,
 )
-from .dispatch import Handle, patch, unpatch  # noqa: E402
+from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
 
 __all__ = [
-    "patch", "unpatch", "Handle",
+    "patch", "unpatch", "Handle", "handle_of",
     "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]

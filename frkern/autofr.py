@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .dispatch import patch, unpatch
 from .policies import FRDiff, Keyframes
-from .runtime import GATED_MODE, OFF
+from .runtime import OFF, UnitMode
 
 # conditions(generator) -> (noise, encoder_hidden_states for the CFG batch [uncond; cond], unet kwargs)
 Conditions = Callable[[torch.Generator], tuple]
@@ -44,6 +44,22 @@ def straight_through(logits: torch.Tensor) -> torch.Tensor:
 
 def gate_penalty(logits: torch.Tensor) -> torch.Tensor:
     return torch.relu(2 * torch.sigmoid(logits) - 1).sum()
+
+
+class GatedBlend(UnitMode):
+    """The runtime mode of the gated sampler: every unit's fresh state is blended with its value
+    from the previous step, value = gate * fresh + (1 - gate) * previous (differentiably)."""
+
+    def __init__(self, gate: torch.Tensor, previous: dict):
+        self.gate = gate
+        self.previous = previous
+        self.new: dict = {}
+
+    def state(self, unit, fresh):
+        prev = self.previous.get(unit)
+        value = fresh if prev is None else self.gate * fresh + (1 - self.gate) * prev
+        self.new[unit] = value
+        return value
 
 
 def _ddim(scheduler_factory, steps, device):
@@ -71,14 +87,13 @@ def sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance,
     keys: list[str] = []
 
     def step_fn(i, t, x, gate, *prev_values):
-        rt.mode, rt.gate = GATED_MODE, gate
-        rt.gated_prev, rt.gated_new = dict(zip(keys, prev_values)), {}
+        blend = GatedBlend(gate, dict(zip(keys, prev_values)))
+        rt.mode = blend
         try:
             eps = handle.run_network(torch.cat([x, x]), t, ehs, **kwargs)
         finally:
-            rt.mode, rt.gate = OFF, None
-        new = rt.gated_new
-        rt.gated_prev, rt.gated_new = {}, {}
+            rt.mode = OFF
+        new = blend.new
         if not keys:
             keys.extend(new)
         u, c = eps.chunk(2)

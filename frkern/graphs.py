@@ -101,9 +101,11 @@ class GraphRunner:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def run(self, call_sig: tuple, sample, timestep, encoder_hidden_states, args: tuple, kwargs: dict):
-        """The network's output for this call, by replaying (capturing first if needed) its graph."""
+    def run(self, call_sig, call, family):
+        """The network's output for `call` (a frkern.family.Call), by replaying (capturing first
+        if needed) its graph."""
         rt = self.runtime
+        sample, timestep = call.sample, call.timestep
         if rt.mode not in (FULL_MODE, REUSE_MODE):
             raise RuntimeError(f"frkern: CUDA graphs run full and reuse calls only, not mode {rt.mode!r}")
         if torch.is_grad_enabled():
@@ -116,7 +118,7 @@ class GraphRunner:
             # a host-to-device copy cannot be captured.
             dtype = torch.float64 if isinstance(timestep, float) else torch.int64
             timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
-        leaves, spec = tree_flatten((sample, timestep, encoder_hidden_states, args, kwargs))
+        leaves, spec = tree_flatten(tuple(call._replace(timestep=timestep)))
         try:
             key = (rt.slot, rt.mode, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
                    tuple((u, e[1]) for u, e in rt.reads.items()))
@@ -124,14 +126,14 @@ class GraphRunner:
         except TypeError as e:  # an unhashable non-tensor argument: its value cannot key a graph
             raise TypeError(f"frkern: cuda_graphs=True needs hashable non-tensor UNet arguments: {e}") from e
 
-        if call_sig[-1] != self._weights:  # weights replaced: every graph points at old memory
+        if call_sig.weights != self._weights:  # weights replaced: every graph points at old memory
             self.clear()
-            self._weights = call_sig[-1]
+            self._weights = call_sig.weights
         graph = self.graphs.get(key)
         if graph is None:
             if sample.device.type != "cuda" and self.capture is cuda_capture:
                 raise RuntimeError(f"frkern: cuda_graphs=True needs the UNet and its inputs on CUDA, got {sample.device}")
-            graph = self._capture(leaves, spec, sample.device)
+            graph = self._capture(leaves, spec, sample.device, type(call), family)
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -160,20 +162,19 @@ class GraphRunner:
                         self.stats["read_copies"] += 1
             rt.reads[unit] = (captured, sig)
 
-    def _capture(self, leaves, spec, device) -> _Graph:
+    def _capture(self, leaves, spec, device, call_type, family) -> _Graph:
         rt = self.runtime
         static_leaves = [
             x.detach().to(device, copy=True) if isinstance(x, torch.Tensor) else None for x in leaves
         ]
-        static_args = tree_unflatten([s if s is not None else x for s, x in zip(static_leaves, leaves)], spec)
+        static_call = call_type(*tree_unflatten([s if s is not None else x for s, x in zip(static_leaves, leaves)], spec))
         reads = dict(rt.reads)  # the graph keeps these tensors alive: it reads their memory
 
         def fn():
             rt.writes.clear()
             rt.reads.clear()
             rt.reads.update(reads)
-            sample, timestep, ehs, args, kwargs = static_args
-            out = self.network(sample, timestep, ehs, *args, return_dict=False, **kwargs)[0]
+            out = family.run(self.network, static_call)
             return out, dict(rt.writes)
 
         replay, (out, writes) = self.capture(fn)

@@ -38,6 +38,17 @@ def _check_int(name: str, value, lo: int, cls: str) -> None:
         raise ValueError(f"{cls}: {name} must be an int >= {lo}, got {value!r}")
 
 
+def _check_bool(name: str, value, cls: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{cls}: {name} must be True or False, got {value!r}")
+
+
+def _check_bias(value, cls: str) -> None:
+    # r - bias with r = step / num_steps in [0, 1): a bias outside [0, 1] makes every lambda 0 or 1.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+        raise ValueError(f"{cls}: bias must be a number in [0, 1] (the schedule fraction where lambda = 0.5), got {value!r}")
+
+
 class Policy:
     """Base of all policies: JSON round trip and the `plan` protocol."""
 
@@ -50,6 +61,11 @@ class Policy:
 
     def plan(self, step: int, num_steps: int) -> StepPlan:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @property
+    def caches(self) -> bool:
+        """Whether anything is kept between calls (if not, no step protocol is needed)."""
+        return self.reuse != "none" or self.keeps_keyframe_output
 
     def schedule(self, num_steps: int) -> list[StepPlan]:
         return [self.plan(i, num_steps) for i in range(num_steps)]
@@ -104,10 +120,8 @@ class FRDiff(Policy):
 
     def __post_init__(self):
         _check_int("interval", self.interval, 1, "FRDiff")
-        if not isinstance(self.score_mix, bool):
-            raise ValueError(f"FRDiff: score_mix must be a bool, got {self.score_mix!r}")
-        if not isinstance(self.bias, (int, float)) or isinstance(self.bias, bool) or not math.isfinite(self.bias):
-            raise ValueError(f"FRDiff: bias must be a finite float, got {self.bias!r}")
+        _check_bool("score_mix", self.score_mix, "FRDiff")
+        _check_bias(self.bias, "FRDiff")
 
     @property
     def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
@@ -138,11 +152,17 @@ class Keyframes(Policy):
     reuse: ClassVar[str] = "units"
 
     def __post_init__(self):
+        if isinstance(self.keyframes, (str, bytes)) or not hasattr(self.keyframes, "__iter__"):
+            raise ValueError(
+                f"Keyframes: keyframes must be a sequence of step indices (e.g. (0, 5, 12)), got {self.keyframes!r}"
+            )
         ks = tuple(self.keyframes)
         for k in ks:
             _check_int("each keyframe", k, 0, "Keyframes")
         object.__setattr__(self, "keyframes", tuple(sorted(set(ks) | {0})))
         _check_int("num_steps", self.num_steps, 0, "Keyframes")
+        _check_bool("score_mix", self.score_mix, "Keyframes")
+        _check_bias(self.bias, "Keyframes")
         if self.num_steps and self.keyframes[-1] >= self.num_steps:
             raise ValueError(
                 f"Keyframes: keyframe {self.keyframes[-1]} is outside 0..{self.num_steps - 1}"
@@ -230,7 +250,7 @@ def policy_from_dict(data: dict) -> Policy:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
     if "keyframes" in args:
         if not isinstance(args["keyframes"], list):
-            raise ValueError(f"{kind}: keyframes must be a list of ints")
+            raise ValueError(f"{kind}: keyframes must be a JSON list of ints, got {args['keyframes']!r}")
         args["keyframes"] = tuple(args["keyframes"])
     return cls(**args)
 

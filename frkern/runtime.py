@@ -1,99 +1,171 @@
-"""Host-side state of a patched UNet: which generation and step we are in, and what this call does.
+"""Host-side state of a patched model, and the unit protocol every reuse unit goes through.
 
-Nothing here reads a device tensor: the step index comes from the scheduler wrapper or from the
-user's `set_step`, so the host can run ahead of the GPU.
+Step tracking: which generation and step we are in. Nothing here reads a device tensor: the step
+index comes from the scheduler tracker (frkern.tracking) or from the user's `set_step`, so the
+host can run ahead of the GPU.
+
+The unit protocol: a reuse unit (a wrapper in frkern.units) says what it caches and how to compute
+it, by calling `Runtime.unit(name, sig, compute, reuse)`. The runtime alone decides, from its mode,
+whether the unit computes and stores, reads the cache, or hands its fresh value to a custom mode
+(Auto-FR's gated blend, frkern.autofr). A unit writes no mode logic of its own.
 """
 from __future__ import annotations
 
 import collections
-import operator
-from typing import Callable, Iterable
+from typing import Any, Callable, NamedTuple
 
 import torch
+from torch import nn
 
 from .cache import FeatureCache
 from .policies import FULL, Policy, StepPlan
+from .watch import WeightsWatch
 
-OFF, FULL_MODE, REUSE_MODE, GATED_MODE = "off", "full", "reuse", "gated"
+# Built-in modes. OFF: between calls (units compute, nothing is cached). COMPUTE: a call that must
+# not touch the cache (outside any tracked generation). FULL: compute and record every unit's
+# state. REUSE: read each unit's state from the last keyframe.
+OFF, COMPUTE_MODE, FULL_MODE, REUSE_MODE = "off", "compute", "full", "reuse"
 EPS_UNIT = "unet.out"
-_VERSION = operator.attrgetter("_version")
+
+_PICKLE_MESSAGE = (
+    "frkern: a patched model cannot be pickled (torch.save of the module, multiprocessing): its "
+    "forward and cache belong to this process. Call frkern.unpatch(model) first, save it, and "
+    "patch again after loading (copy.deepcopy of a patched model does work)."
+)
+
+
+class UnitMode:
+    """A custom mode: every unit computes its fresh state and passes it through `state`, whose
+    return value the unit then uses (Auto-FR blends it with the previous step's)."""
+
+    def state(self, unit: str, fresh: Any) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class CallSignature(NamedTuple):
+    """What a cached feature's call must share with the call that reads it."""
+
+    sample: tuple  # (shape, dtype, device) of the primary input
+    context: tuple | None  # the same of the conditioning (encoder hidden states), if a tensor
+    weights: tuple  # WeightsWatch.token()
+    options: tuple  # hashable call options that change the result but no shape (e.g. a LoRA scale)
 
 
 class Runtime:
-    """Shared by the UNet forward and every wrapper of one patched UNet.
+    """Shared by the patched forward and every wrapper of one patched model.
 
-    Calls are grouped into steps; the k-th UNet call within a step is its slot k (a sampler that
-    calls the UNet twice per step, e.g. Heun, or a pipeline running CFG as two calls, gets two
-    slots). Reuse reads only what the same slot stored on the last keyframe.
+    Calls are grouped into steps; the k-th call within a step is its slot k (a sampler that calls
+    the model twice per step, e.g. Heun, or a pipeline running CFG as two calls, gets two slots).
+    Reuse reads only what the same slot stored on its last keyframe.
     """
 
-    def __init__(self, policy: Policy, params: Callable[[], Iterable[torch.Tensor]]):
+    def __init__(self, policy: Policy, model: nn.Module):
         self.policy = policy
         self.cache = FeatureCache()
-        # Re-listed at every generation, so parameters added since (adapters, swapped modules) are
-        # watched too; within a generation in-place updates and replaced tensors are detected.
-        self._param_source = params
-        self._params = list(params())
+        self.watch = WeightsWatch(model)
         self.num_steps: int | None = None
         self.step = 0
         self.slot = 0
-        self.mode = OFF
-        self._key_sigs: dict[int, tuple] = {}
+        self.mode: Any = OFF
+        # A generation is open from begin() until its scheduler has run its last step (tracked
+        # pipelines) or forever (hand-written loops). Calls outside it never touch the cache.
+        self.open = False
+        self.scheduler_driven = False  # set by the tracker: calls outside a generation run in full
+        self._calls_in_generation = 0
+        self._key_sigs: dict[int, CallSignature] = {}
         # What the network may touch during one call: `reads` (unit -> (value, input signature)),
         # filled on the host from the validated cache before a reuse call, and `writes`, filled by
-        # the wrappers on a full call and committed to the cache after it. Both dicts keep their
+        # the units on a full call and committed to the cache after it. Both dicts keep their
         # identity for the runtime's whole life, so torch.compile and CUDA graphs see the same
         # objects on every call and never the cache's bookkeeping (generation ids, slots).
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
-        # Auto-FR search (frkern.autofr): every unit is computed fresh and blended with its value
-        # from the previous step, value = gate * fresh + (1 - gate) * previous, differentiably.
-        self.gate: torch.Tensor | None = None
-        self.gated_prev: dict[str, torch.Tensor] = {}
-        self.gated_new: dict[str, torch.Tensor] = {}
         self.stats: collections.Counter = collections.Counter()
 
+    # A copy of a patched model gets a runtime of its own: same policy, empty cache.
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo))
+        memo[id(self)] = new
+        return new
+
+    def __reduce__(self):
+        raise TypeError(_PICKLE_MESSAGE)
+
+    @property
+    def _params(self) -> list:  # the watched parameters (bench/host_overhead.py reports their count)
+        return self.watch.params
+
     # --- step tracking -------------------------------------------------------------------------
-    def begin(self, num_steps: int) -> None:
-        """Start a new generation of `num_steps` steps: every cache is dropped."""
+    def begin(self, num_steps: int, start: int = 0) -> None:
+        """Start a new generation of `num_steps` steps (every cache dropped) at step `start`: a
+        pipeline that runs only the last steps of its schedule (img2img, strength < 1) starts
+        there, and policies plan by position in the whole schedule."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
         self.cache.new_generation()
-        self._params = list(self._param_source())
+        self.watch.refresh()
         self._key_sigs.clear()
         self.num_steps = num_steps
+        self.open = True
+        self._calls_in_generation = 0
         self.step = 0
         self.slot = 0
         self.stats.clear()
+        self.relocate(start)
+
+    def relocate(self, step: int) -> None:
+        """Say that the current step is `step` of the schedule (the tracker learns where a
+        pipeline starts only after set_timesteps). Cached features stay: they belong to this
+        generation's calls whatever their position is called."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self.step = step
 
     def set_step(self, step: int) -> None:
         if self.num_steps is None:
             raise RuntimeError("call begin(num_steps) before set_step(i)")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
-        self.step = step
+        self.relocate(step)
         self.slot = 0
 
     def advance(self) -> None:
         self.step += 1
         self.slot = 0
 
-    # --- one UNet call -------------------------------------------------------------------------
-    def weights_token(self) -> tuple:
-        # In-place updates bump _version; replaced or moved tensors change data_ptr. map() with C
-        # accessors: this runs on every call over every parameter (686 for SD1.5).
-        ps = self._params
-        return len(ps), sum(map(_VERSION, ps)), sum(map(torch.Tensor.data_ptr, ps))
+    def finish(self) -> None:
+        """The generation's sampler has run its last step: later calls are outside it."""
+        self.open = False
+        self.cache.clear()  # nothing of it can be read again: free it
+        self._key_sigs.clear()
 
-    def start_call(self, call_sig: tuple) -> StepPlan:
-        if self.num_steps is None:
-            raise RuntimeError(
-                "frkern: no generation started. A patched pipeline starts one in "
-                "scheduler.set_timesteps; in a hand-written loop call handle.begin(num_steps) and "
-                "handle.set_step(i) before each UNet call."
-            )
+    # --- one call ------------------------------------------------------------------------------
+    def weights_token(self) -> tuple:
+        return self.watch.token()
+
+    def start_call(self, call_sig: CallSignature) -> StepPlan:
         if self.mode != OFF:
-            raise RuntimeError("frkern: nested call of a patched UNet")
+            raise RuntimeError("frkern: nested call of a patched model")
+        if not self.policy.caches:
+            # Kernels only: no step protocol needed, nothing is read or written.
+            self.mode = FULL_MODE
+            self.stats["full"] += 1
+            self.reads.clear()
+            self.writes.clear()
+            return FULL
+        if not self.open:
+            if not self.scheduler_driven:
+                raise RuntimeError(
+                    "frkern: no generation started. A patched pipeline starts one in "
+                    "scheduler.set_timesteps; in a hand-written loop call handle.begin(num_steps) and "
+                    "handle.set_step(i) before each call."
+                )
+            # Called outside its scheduler's generation (e.g. by another pipeline whose scheduler
+            # frkern does not track): correct, full compute, nothing cached.
+            self.mode = COMPUTE_MODE
+            self.stats["untracked"] += 1
+            return FULL
+        self._calls_in_generation += 1
         plan = self.policy.plan(self.step, self.num_steps)
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
@@ -107,15 +179,15 @@ class Runtime:
             self.reads.pop(EPS_UNIT, None)
         return plan
 
-    def _can_reuse(self, call_sig: tuple, plan: StepPlan) -> bool:
+    def _can_reuse(self, call_sig: CallSignature, plan: StepPlan) -> bool:
         if self._key_sigs.get(self.slot) != call_sig:
             return False
         if plan.mix < 1.0 and self.cache.get((self.slot, EPS_UNIT), call_sig) is None:
             return False
         return True
 
-    def end_call(self, plan: StepPlan, call_sig: tuple) -> None:
-        if plan.keyframe:
+    def end_call(self, plan: StepPlan, call_sig: CallSignature) -> None:
+        if self.mode == FULL_MODE and plan.keyframe and self.policy.caches:
             # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
             self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
             for unit, (value, sig) in self.writes.items():
@@ -133,32 +205,37 @@ class Runtime:
         self.writes.clear()
         self.mode = OFF
 
-    def keyframe_output(self, call_sig: tuple) -> torch.Tensor | None:
+    def keyframe_output(self, call_sig: CallSignature) -> torch.Tensor | None:
         return self.cache.get((self.slot, EPS_UNIT), call_sig)
 
-    def store_keyframe_output(self, out: torch.Tensor, call_sig: tuple) -> None:
+    def store_keyframe_output(self, out: torch.Tensor, call_sig: CallSignature) -> None:
         # A copy: the pipeline owns `out` and may change it in place.
         self.cache.put((self.slot, EPS_UNIT), out.detach().clone(), call_sig)
 
-    # --- for the wrappers ----------------------------------------------------------------------
-    # These run inside the network (and so inside torch.compile's graph): they touch only
-    # `mode`, `reads` and `writes`, whose guards do not change from one step to the next.
-    def read(self, unit: str, sig: tuple):
-        """The cached value of `unit` for this slot, or None when this call must compute it."""
-        if self.mode != REUSE_MODE:
-            return None
-        entry = self.reads.get(unit)
-        if entry is None or entry[1] != sig:
+    # --- the unit protocol ---------------------------------------------------------------------
+    # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
+    # `reads` and `writes`, whose guards do not change from one step to the next.
+    def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None):
+        """The output of reuse unit `name` for this call.
+
+        compute() computes it fresh: it returns the output, or (output, state) when the unit
+        caches something else than its output; reuse(state) turns a cached state back into the
+        output (default: the state is the output). `sig` describes the unit's input; a cached
+        state is read only if it was made from an input of the same signature. A state may be any
+        pytree of tensors (a unit may cache more than one tensor).
+        """
+        mode = self.mode
+        if mode == REUSE_MODE:
+            entry = self.reads.get(name)
+            if entry is not None and entry[1] == sig:
+                return entry[0] if reuse is None else reuse(entry[0])
             self.stats["unit_miss"] += 1
-            return None
-        return entry[0]
-
-    def write(self, unit: str, value, sig: tuple) -> None:
-        if self.mode == FULL_MODE:
-            self.writes[unit] = (value, sig)
-
-    def gated(self, unit: str, fresh: torch.Tensor) -> torch.Tensor:
-        prev = self.gated_prev.get(unit)
-        value = fresh if prev is None else self.gate * fresh + (1 - self.gate) * prev
-        self.gated_new[unit] = value
-        return value
+        result = compute()
+        output, state = (result, result) if reuse is None else result
+        if mode == FULL_MODE:
+            self.writes[name] = (state, sig)
+        elif isinstance(mode, UnitMode):
+            new_state = mode.state(name, state)
+            if new_state is not state:
+                output = new_state if reuse is None else reuse(new_state)
+        return output

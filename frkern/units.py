@@ -1,12 +1,17 @@
-"""Module wrappers that take the place of diffusers modules in a patched UNet.
+"""Module wrappers that take the place of diffusers modules in a patched model.
 
-A wrapper adopts the original's children, parameters and buffers (the same objects: no weight
-copies, and the state dict keeps its keys), keeps the original for `unpatch`, and asks the runtime
-whether to compute or to read the cache. Each reuse unit caches exactly one thing:
+A wrapper owns the original's children, parameters and buffers by sharing the original's very
+dicts: a child replaced while patched (a LoRA layer injected by peft, a swapped conv) is replaced
+in both, the forward uses it, and `unpatch` needs to hand nothing back. The state dict keeps its
+keys. Reuse units go through the runtime's unit protocol (`Runtime.unit`): they say what they
+cache and how to compute it, the runtime decides whether to compute, read or blend.
 - ReusedResnetBlock2D: conv1's output, conv1(SiLU(norm1(x))) (FRDiff's S(x)).
 - ReusedTransformer2D: the residual branch (the output minus the input).
 - CachedSegment: a whole module's output (Clockwork's and DeepCache's inner blocks).
 FusedGEGLU caches nothing: it only swaps in a fused kernel.
+
+A new unit kind is a wrapper whose forward calls `self.cached(sig, compute, reuse)` plus a row in
+its model family's table (CONTRIBUTING.md shows one).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from torch import nn
 
 from . import ops
 from .cache import signature
-from .runtime import FULL_MODE, GATED_MODE, Runtime
+from .runtime import Runtime
 
 
 def _primary_input(args, kwargs) -> torch.Tensor:
@@ -38,11 +43,9 @@ class _Wrapper(nn.Module):
         self.unit = unit
         self.cache_unit = cache_unit
         self.backend = backend
-        # Direct dict copies: register_* would refuse names that __getattr__ already resolves.
-        self._modules.update(original._modules)
-        self._parameters.update(original._parameters)
-        self._buffers.update(original._buffers)
-        self._non_persistent_buffers_set.update(original._non_persistent_buffers_set)
+        # The original's own dicts, not copies: one module tree, whoever changes it.
+        for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            object.__setattr__(self, name, getattr(original, name))
         self.train(original.training)
 
     def __getattr__(self, name):
@@ -55,6 +58,14 @@ class _Wrapper(nn.Module):
         super().train(mode)
         self.original.training = mode
         return self
+
+    def cached(self, sig, compute, reuse=None):
+        """This unit's output through the runtime's unit protocol (see Runtime.unit), or simply
+        computed when the policy caches nothing here."""
+        if not self.cache_unit:
+            result = compute()
+            return result if reuse is None else result[0]
+        return self.runtime.unit(self.unit, sig, compute, reuse)
 
     def extra_repr(self) -> str:
         return f"unit={self.unit!r}, cached={self.cache_unit}"
@@ -75,32 +86,23 @@ class ReusedResnetBlock2D(_Wrapper):
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
 
-    def _keep(self, conv1_out, sig):
-        if not self.cache_unit:
-            return conv1_out
-        if self.runtime.mode == GATED_MODE:
-            return self.runtime.gated(self.unit, conv1_out)
-        self.runtime.write(self.unit, conv1_out, sig)
-        return conv1_out
-
     def forward(self, input_tensor, temb, *args, **kwargs):
-        o = self.original
-        rt = self.runtime
-        sig = signature(input_tensor)
-        hidden = rt.read(self.unit, sig) if self.cache_unit else None
+        o = self.original  # its children are ours (shared dicts): whatever is in the tree now
+        resample = o.upsample if o.upsample is not None else o.downsample
 
-        if o.upsample is not None or o.downsample is not None:
-            resample = o.upsample if o.upsample is not None else o.downsample
-            if hidden is None:
-                hidden = self._norm_act(input_tensor, o.norm1)
-                if o.upsample is not None and hidden.shape[0] >= 64:
-                    input_tensor, hidden = input_tensor.contiguous(), hidden.contiguous()
-                hidden = self._keep(o.conv1(resample(hidden)), sig)
+        def conv1_branch():
+            hidden = self._norm_act(input_tensor, o.norm1)
+            if resample is None:
+                return o.conv1(hidden)
+            if o.upsample is not None and hidden.shape[0] >= 64:
+                hidden = hidden.contiguous()
+            return o.conv1(resample(hidden))
+
+        hidden = self.cached(signature(input_tensor), conv1_branch)
+        if resample is not None:
             if o.upsample is not None and input_tensor.shape[0] >= 64:
                 input_tensor = input_tensor.contiguous()
             input_tensor = resample(input_tensor)
-        elif hidden is None:
-            hidden = self._keep(o.conv1(self._norm_act(input_tensor, o.norm1)), sig)
 
         chan = None  # the time-embedding projection, one value per (batch, channel)
         if o.time_emb_proj is not None:
@@ -138,39 +140,46 @@ class ReusedTransformer2D(_Wrapper):
         super().__init__(original, runtime, unit, cache_unit, backend)
         object.__setattr__(self, "_captured", None)
         object.__setattr__(self, "_capturing", False)
-        # proj_out's output is the branch before diffusers adds the input back.
-        self._hook = original.proj_out.register_forward_hook(self._capture)
+        object.__setattr__(self, "_hook", None)
+        self.rebind()
+
+    def rebind(self):
+        """Hook whatever proj_out is now: its output is the branch before diffusers adds the input
+        back. Called again (by the weights watch) whenever a module is registered anywhere, e.g.
+        a LoRA layer wrapping proj_out."""
+        proj_out = self._modules["proj_out"]
+        if self._hook is not None and self._hook[0] is proj_out:
+            return
+        self.remove_hook()
+        object.__setattr__(self, "_hook", (proj_out, proj_out.register_forward_hook(self._capture)))
 
     def _capture(self, module, args, output):
         if self._capturing:
             object.__setattr__(self, "_captured", output)
 
     def remove_hook(self):
-        self._hook.remove()
+        if self._hook is not None:
+            self._hook[1].remove()
+            object.__setattr__(self, "_hook", None)
 
     def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
-        rt = self.runtime
-        sig = signature(hidden_states)
-        branch = rt.read(self.unit, sig) if self.cache_unit else None
-        if branch is not None:
-            out = hidden_states + branch
-        else:
-            store = self.cache_unit and rt.mode in (FULL_MODE, GATED_MODE)
-            object.__setattr__(self, "_capturing", store)
+        def branch_and_output():
+            object.__setattr__(self, "_capturing", True)
             try:
                 out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
             finally:
                 object.__setattr__(self, "_capturing", False)
-            if store:
-                branch = self._captured
-                object.__setattr__(self, "_captured", None)
-                if branch.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
-                    b, _, h, w = hidden_states.shape
-                    branch = branch.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
-                if rt.mode == GATED_MODE:
-                    out = hidden_states + rt.gated(self.unit, branch)
-                else:
-                    rt.write(self.unit, branch, sig)
+            branch = self._captured
+            object.__setattr__(self, "_captured", None)
+            if branch.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
+                b, _, h, w = hidden_states.shape
+                branch = branch.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+            return out, branch
+
+        if self.cache_unit:
+            out = self.cached(signature(hidden_states), branch_and_output, lambda branch: hidden_states + branch)
+        else:
+            out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
@@ -189,11 +198,4 @@ class CachedSegment(_Wrapper):
     inputs are ignored then: the module is not run)."""
 
     def forward(self, *args, **kwargs):
-        rt = self.runtime
-        sig = signature(_primary_input(args, kwargs))
-        cached = rt.read(self.unit, sig)
-        if cached is not None:
-            return cached
-        out = self.original(*args, **kwargs)
-        rt.write(self.unit, out, sig)
-        return out
+        return self.cached(signature(_primary_input(args, kwargs)), lambda: self.original(*args, **kwargs))

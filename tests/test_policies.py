@@ -88,3 +88,31 @@ def test_keyframes_policy():
 def test_bad_policies_are_refused(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: frkern.FRDiff(bias=1.5), r"bias must be a number in \[0, 1\].*got 1.5"),
+    (lambda: frkern.FRDiff(bias=-0.1), r"bias must be a number in \[0, 1\].*got -0.1"),
+    (lambda: frkern.FRDiff(bias="0.5"), r"bias must be a number.*got '0.5'"),
+    (lambda: frkern.FRDiff(score_mix=1), r"score_mix must be True or False, got 1"),
+    (lambda: Keyframes(keyframes=5), r"keyframes must be a sequence of step indices.*got 5"),
+    (lambda: Keyframes(keyframes="0,5"), r"keyframes must be a sequence.*got '0,5'"),
+    (lambda: Keyframes((0, 2), bias=2.0), r"Keyframes: bias must be a number in \[0, 1\]"),
+    (lambda: Keyframes((0, 2), score_mix="no"), r"Keyframes: score_mix must be True or False"),
+])
+def test_bad_policy_arguments_name_the_value_and_what_is_accepted(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"policy": "FRDiff", "interval": "2"}, r"FRDiff: interval must be an int >= 1, got '2'"),
+    ({"policy": "FRDiff", "bias": [0.5]}, r"bias must be a number in \[0, 1\].*got \[0.5\]"),
+    ({"policy": "Keyframes", "keyframes": 5}, r"keyframes must be a JSON list of ints, got 5"),
+    ({"policy": "Keyframes", "keyframes": [0, "3"]}, r"each keyframe must be an int >= 0, got '3'"),
+    ({"policy": "Clockwork", "clock": 2.0}, r"clock must be an int >= 1, got 2.0"),
+    ({"policy": "DeepCache", "interval": None}, r"interval must be an int >= 1, got None"),
+])
+def test_json_policy_with_wrong_field_types(data, match):
+    with pytest.raises(ValueError, match=match):
+        frkern.from_json(json.dumps(data))

@@ -25,7 +25,7 @@ def test_wrapper_full_step_is_bit_identical_and_reuse_is_the_definition(name):
     block = ResnetBlock2D(**VARIANTS[name]).eval()
     x0, x1 = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
     temb = torch.randn(2, 24) if VARIANTS[name]["temb_channels"] else None
-    rt = Runtime(FRDiff(interval=2, score_mix=False), block.parameters)
+    rt = Runtime(FRDiff(interval=2, score_mix=False), block)
     rt.begin(2)
     wrapper = ReusedResnetBlock2D(block, rt, "r", True, "torch")
     with torch.no_grad():

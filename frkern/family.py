@@ -1,0 +1,60 @@
+"""The model-family interface: everything the dispatcher needs to know about one kind of model.
+
+The dispatcher (frkern.dispatch) is generic: it finds a family for the target, asks it for the
+model, validates support, swaps in the wrappers of the family's table and calls the network
+through the family's call convention. A family for diffusers transformer models (DiT, PixArt,
+SD3, Flux) implements this same interface; frkern.unet2d is the UNet2DConditionModel family.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from .policies import Policy
+
+
+class Call(NamedTuple):
+    """One call of the network, by role rather than by position."""
+
+    sample: torch.Tensor  # the noisy latent: its signature keys the cache
+    timestep: Any
+    context: Any  # the conditioning (encoder hidden states), or None
+    args: tuple  # every other positional argument, as given
+    kwargs: dict  # every other keyword argument, as given (return_dict removed)
+
+
+class ModelFamily:
+    """Interface; see frkern.unet2d.UNet2DFamily for the reference implementation."""
+
+    name: str = ""
+    # class of a module -> (wrapper class, the policy reuse kind that makes it cache, or None)
+    unit_wrappers: dict[type, tuple[type, str | None]] = {}
+
+    def find(self, target) -> tuple[nn.Module, Any] | None:
+        """(model, pipeline or None) if `target` is, or holds, a model of this family."""
+        raise NotImplementedError
+
+    def check_supported(self, model: nn.Module) -> None:
+        """Raise ValueError naming every part of `model` frkern cannot run exactly."""
+        raise NotImplementedError
+
+    def segment_paths(self, model: nn.Module, policy: Policy) -> list[str]:
+        """Module paths a segment policy caches whole."""
+        raise NotImplementedError
+
+    def bind_call(self, args: tuple, kwargs: dict) -> tuple[Call, bool]:
+        """(the call by role, return_dict) from the model forward's arguments."""
+        raise NotImplementedError
+
+    def call_options(self, call: Call) -> tuple:
+        """Hashable options of a call that change its result but not its shapes."""
+        return ()
+
+    def run(self, network, call: Call) -> torch.Tensor:
+        """The output tensor of `network` (the model's original forward) for `call`."""
+        raise NotImplementedError
+
+    def wrap_output(self, out: torch.Tensor, return_dict: bool):
+        raise NotImplementedError

@@ -1,0 +1,371 @@
+"""Exact with everything users plug in: adapters, weight edits, copies, img2img, shared and
+replaced schedulers, scheduler signatures, inference-mode models, pickling (issue 9)."""
+import copy
+import inspect
+import io
+import warnings
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+)
+
+import frkern
+from reference import FRDiffHooks
+from reference_positioned import FRDiffByPosition
+from test_lifecycle import assert_weight_change_promotes
+from test_pipelines import generate
+from tiny import ddim, make_sd_pipeline, sd_inputs, sd_prompt_kwargs, sd_unet, sdxl_prompt_kwargs, sdxl_unet, vae
+
+SCHED_CFG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def run(unet, inputs, t=500, **extra):
+    sample, ehs, kw = inputs
+    with torch.no_grad():
+        return unet(sample, t, ehs, **kw, **extra).sample
+
+
+# --- adapters (peft LoRA through diffusers' PeftAdapterMixin) ---------------------------------
+peft = pytest.importorskip("peft")
+LORA_TARGETS = ["conv1", "conv2", "time_emb_proj", "proj", "proj_in", "proj_out", "to_q"]
+
+
+def add_lora(unet, name="a", seed=7):
+    torch.manual_seed(seed)  # init_lora_weights=False: random, non-zero B, so the adapter matters
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False),
+                     adapter_name=name)
+
+
+ADAPTER_OPS = [
+    ("scale 0.5", lambda u: u.set_adapters(["a"], weights=[0.5])),
+    ("disable", lambda u: u.disable_adapters()),
+    ("enable", lambda u: u.enable_adapters()),
+    ("second adapter", lambda u: (add_lora(u, "b", seed=8), u.set_adapters(["a", "b"], weights=[1.0, 0.3]))),
+    ("fuse", lambda u: u.fuse_lora(lora_scale=0.7)),
+    ("unfuse", lambda u: u.unfuse_lora()),
+    ("delete b", lambda u: u.delete_adapters("b")),
+    ("unload", lambda u: u.unload_lora()),
+]
+
+
+@pytest.mark.parametrize("when", ["before patch", "after patch"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_adapters_noreuse_bit_identical_through_every_adapter_operation(when, kind):
+    make = sd_unet if kind == "sd" else sdxl_unet
+    unet, ref = make(), make()
+    inputs = sd_inputs(unet)
+    add_lora(ref)
+    if when == "before patch":
+        add_lora(unet)
+    handle = frkern.patch(unet, frkern.NoReuse(), backend="torch")
+    if when == "after patch":
+        add_lora(unet)
+    without = run(make(), inputs)
+    got = run(unet, inputs)
+    assert torch.equal(got, run(ref, inputs)) and not torch.allclose(got, without, rtol=1e-3, atol=1e-4)
+    for name, op in ADAPTER_OPS[:-1]:
+        op(unet), op(ref)
+        assert torch.equal(run(unet, inputs), run(ref, inputs)), name
+    frkern.unpatch(unet)
+    # unpatch hands the adapter layers back: the tree is the tree that ran
+    lora_layers = [n for n, m in unet.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert lora_layers == [n for n, m in ref.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert lora_layers and "a" in unet.peft_config
+    assert torch.equal(run(unet, inputs), run(ref, inputs))
+    handle = frkern.patch(unet, frkern.NoReuse(), backend="torch")
+    name, op = ADAPTER_OPS[-1]  # unload while patched: every adapter layer goes
+    op(unet), op(ref)
+    assert not any(isinstance(m, peft.tuners.lora.LoraLayer) for m in unet.modules())
+    assert torch.equal(run(unet, inputs), run(ref, inputs))  # (unfuse leaves rounding: not `without`)
+    handle.unpatch()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_frdiff_with_an_adapter_added_after_patch_matches_the_definition(kind):
+    make = sd_unet if kind == "sd" else sdxl_unet
+    unet, ref = make(), make()
+    add_lora(ref)
+    hooks = FRDiffHooks(ref)  # hooks the LoRA-wrapped conv1 / proj_out: what really runs
+    handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+    add_lora(unet)
+    sample, ehs, kw = sd_inputs(unet)
+    handle.begin(4)
+    g = torch.Generator().manual_seed(3)
+    for i in range(4):
+        x = torch.randn(sample.shape, generator=g)
+        handle.set_step(i)
+        hooks.keyframe = i % 2 == 0
+        got, want = run(unet, (x, ehs, kw), t=900 - 100 * i), run(ref, (x, ehs, kw), t=900 - 100 * i)
+        assert torch.equal(got, want), i
+    assert handle.stats == {"full": 2, "reuse": 2}
+
+
+def test_adapter_scale_change_inside_a_generation_is_not_read_stale():
+    unet = sd_unet()
+    add_lora(unet)
+    assert_weight_change_promotes(unet, lambda: unet.set_adapters(["a"], weights=[0.5]))
+    unet = sd_unet()
+    add_lora(unet)
+    assert_weight_change_promotes(unet, lambda: unet.fuse_lora(lora_scale=0.5))
+
+
+def test_per_call_lora_scale_is_part_of_the_call_signature():
+    unet = sd_unet()
+    add_lora(unet)
+    handle = frkern.patch(unet, frkern.FRDiff(interval=4, score_mix=False), backend="torch")
+    inputs = sd_inputs(unet)
+    handle.begin(4)
+    run(unet, inputs, cross_attention_kwargs={"scale": 1.0})
+    handle.set_step(1)
+    out = run(unet, inputs, cross_attention_kwargs={"scale": 0.5})
+    assert handle.stats["promoted"] == 1
+    frkern.unpatch(unet)
+    assert torch.equal(out, run(unet, inputs, cross_attention_kwargs={"scale": 0.5}))
+
+
+# --- weight changes that keep version counters still ------------------------------------------
+def test_replaced_parameter_object_is_seen():
+    unet = sd_unet()
+    conv = unet.down_blocks[0].resnets[0].conv1
+    assert_weight_change_promotes(unet, lambda: setattr(conv, "weight", torch.nn.Parameter(conv.weight * 1.5)))
+
+
+def test_swapped_storages_are_seen():
+    unet = sd_unet()
+    a, b = unet.down_blocks[0].resnets[0].conv1.weight, unet.down_blocks[0].resnets[1].conv1.weight
+    assert a.shape == b.shape
+
+    def swap():
+        a.data, b.data = b.data, a.data
+
+    assert_weight_change_promotes(unet, swap)
+
+
+def test_load_state_dict_assign_is_seen():
+    unet = sd_unet()
+    sd = {k: v * 1.1 for k, v in sd_unet(seed=1).state_dict().items()}
+    assert_weight_change_promotes(unet, lambda: unet.load_state_dict(sd, assign=True))
+
+
+# --- models and policies without the usual preconditions --------------------------------------
+def test_model_created_under_inference_mode():
+    with torch.inference_mode():
+        unet, ref = sd_unet(), sd_unet()
+        hooks = FRDiffHooks(ref)
+        handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+        inputs = sd_inputs(unet)
+        handle.begin(3)
+        for i in range(3):
+            handle.set_step(i)
+            hooks.keyframe = i % 2 == 0
+            assert torch.equal(run(unet, inputs, t=900 - 100 * i), run(ref, inputs, t=900 - 100 * i))
+        assert handle.stats == {"full": 2, "reuse": 1}
+
+
+def test_noreuse_needs_no_step_protocol():
+    unet = sd_unet()
+    inputs = sd_inputs(unet)
+    ref = run(unet, inputs)
+    frkern.patch(unet, frkern.NoReuse(), backend="torch")
+    for _ in range(3):
+        assert torch.equal(run(unet, inputs), ref)
+    assert len(frkern.handle_of(unet).runtime.cache) == 0
+
+
+# --- copies and pickling ----------------------------------------------------------------------
+def test_deepcopy_of_a_patched_unet_is_patched_on_its_own():
+    unet = sd_unet()
+    inputs = sd_inputs(unet)
+    handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+    twin = copy.deepcopy(unet)
+    twin_handle = frkern.handle_of(twin)
+    assert twin_handle is not handle and twin_handle.runtime is not handle.runtime
+    assert twin_handle.policy == handle.policy and twin_handle.unet is twin
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    twin_handle.begin(2)
+    handle.begin(2)
+    zeros = run(twin, inputs)
+    assert torch.count_nonzero(zeros) == 0 and torch.count_nonzero(run(unet, inputs)) > 0
+    assert twin_handle.stats == {"full": 1} and handle.stats == {"full": 1}
+    frkern.unpatch(twin)
+    assert frkern.handle_of(unet) is handle  # the original stays patched
+    frkern.unpatch(unet)
+
+
+@pytest.mark.parametrize("policy", [frkern.FRDiff(2), frkern.DeepCache(3)])
+def test_deepcopy_of_a_patched_pipeline_drives_its_own_copy(policy):
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    handle = frkern.patch(pipe, policy)
+    want = generate(pipe, prompt)
+    twin = copy.deepcopy(pipe)
+    twin_handle = frkern.handle_of(twin)
+    assert twin_handle is not handle
+    assert torch.equal(generate(twin, prompt), want)
+    assert twin_handle.stats.get("reuse", 0) + twin_handle.stats.get("skip", 0) > 0
+    calls_before = sum(handle.stats.values())
+    generate(twin, prompt)
+    assert sum(handle.stats.values()) == calls_before  # the copy never drives the original
+    assert torch.equal(generate(pipe, prompt), want)
+
+
+def test_pickling_a_patched_model_fails_clearly():
+    unet = sd_unet()
+    frkern.patch(unet, frkern.FRDiff())
+    with pytest.raises(TypeError, match="frkern: a patched model cannot be pickled.*unpatch"):
+        torch.save(unet, io.BytesIO())
+    frkern.unpatch(unet)
+    torch.save(unet, io.BytesIO())
+
+
+# --- img2img / inpaint: plan by position in the whole schedule ---------------------------------
+def img2img_pipeline(kind, scheduler):
+    if kind == "sdxl":
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae(), text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None,
+            unet=sdxl_unet(), scheduler=scheduler, requires_aesthetics_score=False, force_zeros_for_empty_prompt=True)
+        prompt = sdxl_prompt_kwargs()
+    else:
+        cls = StableDiffusionInpaintPipeline if kind == "inpaint" else StableDiffusionImg2ImgPipeline
+        pipe = cls(vae=vae(), text_encoder=None, tokenizer=None, unet=sd_unet(), scheduler=scheduler,
+                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        prompt = sd_prompt_kwargs()
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(4)
+    prompt["image"] = torch.rand(1, 3, 32, 32, generator=g)
+    if kind == "inpaint":
+        prompt["mask_image"] = (torch.rand(1, 1, 32, 32, generator=g) > 0.5).float()
+    return pipe, prompt
+
+
+@pytest.mark.parametrize("kind, scheduler", [
+    ("img2img", "ddim"), ("img2img", "dpm"), ("inpaint", "ddim"), ("sdxl", "euler"),
+])
+@pytest.mark.parametrize("strength", [0.45, 0.7, 1.0])
+def test_img2img_plans_by_position_in_the_whole_schedule(kind, scheduler, strength):
+    make_sched = {"ddim": ddim, "dpm": lambda: DPMSolverMultistepScheduler(**SCHED_CFG),
+                  "euler": lambda: EulerDiscreteScheduler(**SCHED_CFG)}[scheduler]
+    pipe, prompt = img2img_pipeline(kind, make_sched())
+    steps, policy = 10, frkern.FRDiff(interval=3, score_mix=True)
+    ref_pipe = copy.deepcopy(pipe)
+    ref = FRDiffByPosition(ref_pipe.unet, ref_pipe.scheduler, policy.interval, policy.score_mix)
+    want = generate(ref_pipe, prompt, steps=steps, strength=strength)
+    handle = frkern.patch(pipe, policy, backend="torch")
+    got = generate(pipe, prompt, steps=steps, strength=strength)
+    first = ref.positions[0]
+    assert (first > 0) == (strength < 1.0)
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (first, handle.stats)
+    # later keyframes of the whole schedule are reached: one full call per keyframe position
+    assert handle.stats["full"] == 1 + sum(1 for p in ref.positions[1:] if p % 3 == 0)
+
+
+# --- schedulers: shared, replaced, and their signatures ------------------------------------------
+def test_two_pipelines_sharing_one_scheduler():
+    sched = ddim()
+    pipe_a, pipe_b = make_sd_pipeline(scheduler=sched), make_sd_pipeline(unet=sd_unet(seed=1), scheduler=sched)
+    prompt = sd_prompt_kwargs()
+    frkern.patch(pipe_a, frkern.FRDiff(2))
+    handle_b = frkern.patch(pipe_b, frkern.FRDiff(2))
+    fresh = make_sd_pipeline(unet=sd_unet(seed=1))
+    frkern.patch(fresh, frkern.FRDiff(2))
+    want = generate(fresh, prompt)
+    frkern.unpatch(pipe_a)  # must leave pipe_b's tracking in place
+    for _ in range(2):
+        assert torch.equal(generate(pipe_b, prompt), want)
+        assert handle_b.stats["reuse"] > 0 and handle_b.runtime.cache.generation > 0
+    assert handle_b.cache_bytes == 0  # a finished generation frees its features
+
+
+def test_pipeline_built_from_the_components_of_a_patched_one():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    frkern.patch(pipe, frkern.FRDiff(2))
+    want = generate(pipe, prompt)
+    other = StableDiffusionPipeline(**pipe.components)
+    other.set_progress_bar_config(disable=True)
+    assert torch.equal(generate(other, prompt), want)
+
+
+def test_second_pipeline_with_its_own_scheduler_never_reads_stale_features():
+    unet = sd_unet()
+    pipe = make_sd_pipeline(unet=unet)
+    other = make_sd_pipeline(unet=unet, scheduler=ddim())
+    prompt = sd_prompt_kwargs()
+    full = generate(other, prompt, seed=5)
+    handle = frkern.patch(pipe, frkern.FRDiff(2))
+    generate(pipe, prompt)
+    with pytest.warns(UserWarning, match="outside any generation"):
+        got = generate(other, prompt, seed=5)
+    assert torch.equal(got, full)  # untracked calls run in full
+    assert handle.stats["untracked"] == 8
+    # patching the second pipeline too lets its scheduler drive the shared UNet
+    assert frkern.patch(other, frkern.FRDiff(2)) is handle
+    fresh = make_sd_pipeline(unet=sd_unet())
+    frkern.patch(fresh, frkern.FRDiff(2))
+    assert torch.equal(generate(other, prompt, seed=5), generate(fresh, prompt, seed=5))
+    with pytest.raises(RuntimeError, match="already patched"):
+        frkern.patch(other, frkern.Clockwork(2))
+
+
+@pytest.mark.parametrize("policy", [frkern.NoReuse(), frkern.FRDiff(2)])
+def test_scheduler_replaced_after_patch(policy):
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    frkern.patch(pipe, policy)
+    generate(pipe, prompt)
+    old = pipe.scheduler
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    got = generate(pipe, prompt)
+    fresh = make_sd_pipeline(scheduler=EulerDiscreteScheduler.from_config(old.config))
+    frkern.patch(fresh, policy)
+    assert torch.equal(got, generate(fresh, prompt))
+    assert "step" not in old.__dict__  # the replaced scheduler is no longer wrapped
+    frkern.unpatch(pipe)
+    assert "step" not in pipe.scheduler.__dict__
+
+
+def test_tracked_scheduler_keeps_its_signatures():
+    pipe = make_sd_pipeline(scheduler=EulerAncestralDiscreteScheduler(**SCHED_CFG))
+    before = {m: inspect.signature(getattr(pipe.scheduler, m)) for m in ("set_timesteps", "step")}
+    frkern.patch(pipe, frkern.FRDiff(2))
+    assert {m: inspect.signature(getattr(pipe.scheduler, m)) for m in before} == before
+
+
+@pytest.mark.parametrize("case", ["euler_ancestral", "ddim_eta", "lcm", "lcm_timesteps", "ays_sigmas", "dpm_timesteps"])
+def test_noreuse_equals_unpatched_with_generator_eta_and_custom_schedules(case):
+    sched = {
+        "euler_ancestral": lambda: EulerAncestralDiscreteScheduler(**SCHED_CFG),
+        "ddim_eta": ddim,
+        "lcm": lambda: LCMScheduler(**SCHED_CFG),
+        "lcm_timesteps": lambda: LCMScheduler(**SCHED_CFG),
+        "ays_sigmas": lambda: EulerDiscreteScheduler(**SCHED_CFG),
+        "dpm_timesteps": lambda: DPMSolverMultistepScheduler(**SCHED_CFG),
+    }[case]()
+    kw = {
+        "ddim_eta": dict(eta=0.8),
+        "lcm_timesteps": dict(timesteps=[999, 759, 499, 259]),
+        "ays_sigmas": dict(sigmas=[14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.380, 0.234, 0.113, 0.0]),
+        "dpm_timesteps": dict(timesteps=[999, 850, 736, 645, 545, 455, 343, 233, 124, 24]),
+    }.get(case, {})
+    steps = None if ("timesteps" in kw or "sigmas" in kw) else 4
+    pipe = make_sd_pipeline(scheduler=sched)
+    prompt = sd_prompt_kwargs()
+    want = generate(pipe, prompt, steps=steps, seed=9, **kw)
+    handle = frkern.patch(pipe, frkern.NoReuse())
+    assert torch.equal(generate(pipe, prompt, steps=steps, seed=9, **kw), want)
+    frkern.unpatch(pipe)
+    frkern.patch(pipe, frkern.FRDiff(2))  # and reuse runs through the same schedules
+    out = generate(pipe, prompt, steps=steps, seed=9, **kw)
+    assert torch.isfinite(out).all()
