@@ -369,3 +369,62 @@ def test_noreuse_equals_unpatched_with_generator_eta_and_custom_schedules(case):
     frkern.patch(pipe, frkern.FRDiff(2))  # and reuse runs through the same schedules
     out = generate(pipe, prompt, steps=steps, seed=9, **kw)
     assert torch.isfinite(out).all()
+
+
+# --- more pipelines end to end ------------------------------------------------------------------
+@pytest.mark.parametrize("policy", [frkern.NoReuse(), frkern.FRDiff(2), frkern.DeepCache(3)])
+def test_controlnet_pipeline(policy):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    unet = sd_unet()
+    torch.manual_seed(3)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16)).eval()
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae(), text_encoder=None, tokenizer=None, unet=unet, controlnet=controlnet, scheduler=ddim(),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = dict(sd_prompt_kwargs(), image=torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    want = generate(pipe, prompt)
+    handle = frkern.patch(pipe, policy, backend="torch")
+    got = generate(pipe, prompt)
+    if isinstance(policy, frkern.NoReuse):
+        assert torch.equal(got, want)
+    else:
+        assert handle.stats.get("reuse", 0) > 0 and torch.isfinite(got).all() and 0 < (got - want).norm() < want.norm()
+    frkern.unpatch(pipe)
+    assert torch.equal(generate(pipe, prompt), want)
+
+
+def test_sd2_style_v_prediction_pipeline():
+    unet = sd_unet(attention_head_dim=(2, 4, 8), use_linear_projection=True)
+    sched = DDIMScheduler(**SCHED_CFG, prediction_type="v_prediction", clip_sample=False, set_alpha_to_one=False)
+    pipe = make_sd_pipeline(unet=unet, scheduler=sched)
+    prompt = sd_prompt_kwargs()
+    want = generate(pipe, prompt)
+    frkern.patch(pipe, frkern.NoReuse(), backend="torch")
+    assert torch.equal(generate(pipe, prompt), want)
+    frkern.unpatch(pipe)
+    ref_pipe = copy.deepcopy(pipe)
+    ref = FRDiffByPosition(ref_pipe.unet, ref_pipe.scheduler, 2, score_mix=True)
+    frkern.patch(pipe, frkern.FRDiff(2), backend="torch")
+    assert torch.allclose(generate(pipe, prompt), generate(ref_pipe, prompt), rtol=1e-6, atol=1e-6)
+    assert ref.positions == list(range(8))
+
+
+def test_lcm_pipeline_with_timestep_conditioning():
+    # LCM-distilled UNets take a guidance embedding (time_cond_proj_dim); the pipeline runs no CFG batch.
+    from diffusers import LatentConsistencyModelPipeline
+
+    unet = sd_unet(time_cond_proj_dim=8)
+    pipe = LatentConsistencyModelPipeline(
+        vae=vae(), text_encoder=None, tokenizer=None, unet=unet, scheduler=LCMScheduler(**SCHED_CFG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = {"prompt_embeds": sd_prompt_kwargs()["prompt_embeds"]}
+    want = generate(pipe, prompt, steps=4)
+    frkern.patch(pipe, frkern.NoReuse(), backend="torch")
+    assert torch.equal(generate(pipe, prompt, steps=4), want)
+    frkern.unpatch(pipe)
+    handle = frkern.patch(pipe, frkern.FRDiff(2, score_mix=False), backend="torch")
+    out = generate(pipe, prompt, steps=4)
+    assert handle.stats == {"full": 2, "reuse": 2} and torch.isfinite(out).all()
