@@ -8,10 +8,10 @@ the largest difference from the eager patched UNet. Steady state means: the grap
 growing after the first generation (one graph per step kind) and there are no breaks. Dynamo-level
 facts do not depend on the backend; "eager" skips code generation and takes seconds on a CPU,
 "inductor" shows the compiled speed (CPU timings here are single runs, indicative only).
+Writes a JSON record to bench/results/local/ unless --out says otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -21,18 +21,24 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from options import add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from record import save_json  # noqa: E402
 from tiny_model import load, sample  # noqa: E402
 
 
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--backend", default="eager", help="torch.compile backend (eager, aot_eager, inductor)")
+    ap.add_argument("--policy", default="FRDiff:interval=2", help="frkern policy spec, as in bench/latency.py")
+    ap.add_argument("--generations", type=int, default=3, help="generations sampled through the compiled UNet")
+    ap.add_argument("--steps", type=int, default=10, help="DDIM steps per generation")
+    add_out(ap, "the JSON record")
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backend", default="eager")
-    ap.add_argument("--policy", default="FRDiff:interval=2")
-    ap.add_argument("--generations", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--out", default=None, help="write a JSON record here")
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     import torch._dynamo as dynamo
     from torch._dynamo.utils import counters
 
@@ -62,12 +68,11 @@ def main(argv=None):
         print(f"  graph break {n} x {reason[:160]}")
     dev = (eager - ref).abs().max().item()
     print(f"deviation of the patched output from full compute: {dev:.3e}")
-    if args.out:
-        path = save_json(args.out, f"compile_check_tiny_{args.backend}_{args.policy.split(':')[0]}", {
-            "policy": args.policy, "backend": args.backend, "steps": args.steps,
-            "eager_patched_seconds": round(eager_s, 3), "calls_per_generation": handle.stats,
-            "generations": per_gen})
-        print(f"wrote {path}")
+    path = save_json(args.out, f"compile_check_tiny_{args.backend}_{args.policy.split(':')[0]}", {
+        "policy": args.policy, "backend": args.backend, "steps": args.steps,
+        "eager_patched_seconds": round(eager_s, 3), "calls_per_generation": handle.stats,
+        "generations": per_gen})
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

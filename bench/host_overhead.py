@@ -7,11 +7,11 @@ validation, weights check, graph lookup, read hand-off, score mixing) must stay 
 GPU time of a step or the host becomes the bottleneck. This runs the real UNet configuration on
 PyTorch's "meta" device (shapes only, no arithmetic) through frkern's graph runner with a capture
 whose replay does nothing, and reports the median host time of a call of each kind. The figures
-are for this machine's CPU; a GPU host's CPU will differ.
+are for this machine's CPU; a GPU host's CPU will differ. Writes a JSON record to
+bench/results/local/ unless --out says otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -23,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from options import add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from record import save_json  # noqa: E402
 
 
@@ -31,14 +33,19 @@ def no_device_capture(fn, warmup=0):
     return (lambda: None), fn()
 
 
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
+    ap.add_argument("--policy", default="FRDiff:interval=3", help="frkern policy spec, as in bench/latency.py")
+    ap.add_argument("--calls", type=int, default=200,
+                    help="UNet calls, one per step of a schedule this long (the first 10 are not counted)")
+    add_out(ap, "the JSON record")
+    return ap
+
+
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
-    ap.add_argument("--policy", default="FRDiff:interval=3")
-    ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -75,11 +82,10 @@ def main(argv=None):
     print(f"{args.config} {args.policy}: median host microseconds per call (no device work): {result}; "
           f"of which the weights check: {token_us:.1f} us ({len(handle.runtime._params)} parameters); "
           f"graphs {handle.graph_stats}")
-    if args.out:
-        path = save_json(args.out, f"host_overhead_{args.config}_{args.policy.split(':')[0]}", {
-            "median_host_us_per_call": result, "weights_check_us": round(token_us, 1),
-            "graph_stats": handle.graph_stats})
-        print(f"wrote {path}")
+    path = save_json(args.out, f"host_overhead_{args.config}_{args.policy.split(':')[0]}", {
+        "median_host_us_per_call": result, "weights_check_us": round(token_us, 1),
+        "graph_stats": handle.graph_stats})
+    print(f"wrote {path}")
 
 if __name__ == "__main__":
     main()

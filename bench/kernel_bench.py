@@ -1,6 +1,7 @@
 """Each fused kernel against the unfused PyTorch sequence it replaces (GPU).
 
     python bench/kernel_bench.py --out bench/results        # needs CUDA; writes kernels_<device>_<dtype>.csv
+                                                            # (to bench/results/local/ without --out)
 
 Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at 1024x1024.
 Reports medians of triton.testing.do_bench (CUDA events, warm-up), the ratio unfused / fused,
@@ -9,7 +10,6 @@ before timing (max abs error vs the reference); a failing case is not timed.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -17,7 +17,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from options import add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
 from frkern.kernels.group_norm import group_norm_act_reference, group_norm_act_triton  # noqa: E402
 from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # noqa: E402
@@ -35,14 +38,17 @@ SMOKE_GEGLU = [("smoke ff", 6, 40)]
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
 
 
-def main(argv=None):
-    import triton.testing
-
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--out", default="bench/results/local")
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="dtype of every tensor")
+    add_out(ap, "the CSV")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, one untimed-quality run each")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         device, shapes, n_mix = ("cuda" if torch.cuda.is_available() else "cpu"), SMOKE_SHAPES, (100,)
@@ -55,6 +61,8 @@ def main(argv=None):
     else:
         if not torch.cuda.is_available():
             sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here (--smoke runs tiny shapes anywhere)")
+        import triton.testing
+
         device, shapes, n_mix = "cuda", GN_SHAPES, (2 * 4 * 64 * 64, 2 * 4 * 128 * 128)
         geglu_shapes = GEGLU_SHAPES
         bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731

@@ -1,6 +1,7 @@
 """Latency-quality Pareto curve of frkern's policies on the trained tiny model.
 
-    python bench/quality.py                      # CPU, ~10 min; writes bench/results/quality_tiny.*
+    python bench/quality.py                      # CPU, ~10 min; writes bench/results/local/quality_tiny.*
+    python bench/quality.py --out bench/results  # the committed figures
 
 From the same noise and labels, reference = full-compute 50-step DDIM. Per method: PSNR and SSIM
 of each image against the reference (scikit-image, images in [0, 1]); SWD, a distribution metric
@@ -12,7 +13,6 @@ CPU attention formula torch lacks); wall time per image.
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 import os
@@ -26,20 +26,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from flops import count_gflop  # noqa: E402
+from options import COMMITTED_RESULTS, add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from tiny_model import ASSET_DIR, load, load_photos, sample  # noqa: E402
 from train_tiny import random_crops  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-
-def methods(ref_steps: int):
-    """(family, label, policy or None, steps)."""
+def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
+    """(family, label, policy or None, steps); Auto-FR: every autofr_*.policy.json in autofr_dirs."""
     out = [("DDIM (reduced NFE)", f"DDIM-{n}", None, n) for n in (10, 13, 17, 20, 25, 30, 40, ref_steps)]
     out += [("FRDiff FR only", f"FR M={m}", frkern.FRDiff(m, score_mix=False), ref_steps) for m in (2, 3, 4, 5)]
     out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
     out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
     out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
-    for path in sorted(glob.glob(os.path.join(RESULTS, "autofr_*.policy.json"))):
+    for path in sorted(p for d in autofr_dirs for p in glob.glob(os.path.join(d, "autofr_*.policy.json"))):
         pol = frkern.load_policy(path)
         out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key)", pol, pol.num_steps))
     return out
@@ -69,16 +69,22 @@ def to01(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--model", default=ASSET_DIR, help="folder of the trained tiny model")
+    ap.add_argument("--per-class", type=int, default=2, help="images sampled per class (8 classes)")
+    ap.add_argument("--steps", type=int, default=50, help="steps of the reference sampler")
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    ap.add_argument("--autofr", nargs="*", default=[COMMITTED_RESULTS],
+                    help="folders whose autofr_*.policy.json (bench/autofr_search.py) are evaluated as Auto-FR rows")
+    add_out(ap, "quality_tiny.json, .md and .png")
+    return ap
+
+
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=ASSET_DIR)
-    ap.add_argument("--per-class", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=50, help="steps of the reference sampler")
-    ap.add_argument("--guidance", type=float, default=3.0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=RESULTS)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
 
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -112,7 +118,7 @@ def main(argv=None):
     ref, _, _, _ = generate(None, args.steps)
     ref01 = to01(ref)
     rows = []
-    for family, label, policy, steps in methods(args.steps):
+    for family, label, policy, steps in methods(args.steps, args.autofr):
         x, secs, flops, stats = generate(policy, steps)
         img = to01(x)
         psnr = [peak_signal_noise_ratio(r, g, data_range=1.0) for r, g in zip(ref01, img)]

@@ -10,11 +10,11 @@ measured in REFERENCE §7 (757 TFLOP/s fp16 matmul, 3.0 TB/s copy) unless given.
 op (convolution, attention and matmul, normalisation, elementwise, copies), it shows which fusions
 could matter (bytes of norm + elementwise) and what a step cannot beat (the floor), next to the
 number of ops (eager kernel launches). Attention is counted as the op the meta device dispatches
-to, which may be the unfused math path: its bytes are then an upper bound.
+to, which may be the unfused math path: its bytes are then an upper bound. Writes JSON and
+markdown to bench/results/local/ unless --out says otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import os
@@ -30,6 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from latency import policy_from_spec  # noqa: E402
+from options import add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from record import save_json  # noqa: E402
 
 # ops that move no data (allocation, aliasing)
@@ -155,16 +157,21 @@ def anatomy(config: str, policy, batch: int = 1, dtype=torch.float16, channels_l
     return result
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS))
-    ap.add_argument("--policy", default="FRDiff:interval=3")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--channels-last", action="store_true")
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
+    ap.add_argument("--policy", default="FRDiff:interval=3",
+                    help="frkern policy spec whose reuse call is analysed, as in bench/latency.py")
+    ap.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x: CFG)")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
     ap.add_argument("--tflops", type=float, default=757.0, help="peak matmul rate, TFLOP/s")
     ap.add_argument("--tbps", type=float, default=3.0, help="memory bandwidth, TB/s")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+    add_out(ap, "the JSON and markdown results")
+    return ap
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
     res = anatomy(args.config, policy_from_spec(args.policy), args.batch, channels_last=args.channels_last,
                   tflops=args.tflops, tbps=args.tbps)
     lines = [f"# step anatomy (estimate from op shapes, not a measurement): {args.config}, {args.policy}, "
@@ -178,14 +185,13 @@ def main(argv=None):
             f"{o['op']} x{o['count']} {o['floor_us']:.0f} us" for o in rows["top_ops"]), ""]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        name = f"anatomy_{args.config}_{args.policy.split(':')[0]}"
-        save_json(args.out, name, {"kind": "analytical estimate from op shapes (meta device), not a measurement",
-                                   "tflops": args.tflops, "tbps": args.tbps, "result": res})
-        stem = os.path.join(args.out, name)
-        with open(stem + ".md", "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {stem}.json and {stem}.md")
+    name = f"anatomy_{args.config}_{args.policy.split(':')[0]}"
+    save_json(args.out, name, {"kind": "analytical estimate from op shapes (meta device), not a measurement",
+                               "tflops": args.tflops, "tbps": args.tbps, "result": res})
+    stem = os.path.join(args.out, name)
+    with open(stem + ".md", "w") as f:
+        f.write(text + "\n")
+    print(f"wrote {stem}.json and {stem}.md")
     return res
 
 

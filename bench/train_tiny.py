@@ -1,12 +1,12 @@
 """Train the small class-conditional UNet that frkern ships (see bench/tiny_model.py).
 
     python bench/train_tiny.py --steps 4000            # CPU: slow but fine; GPU if available
-Writes bench/assets/tiny_model/: the UNet in diffusers format (config.json + safetensors),
-class_tokens.safetensors, samples.png and MODEL_CARD.md.
+Writes the UNet in diffusers format (config.json + safetensors), class_tokens.safetensors,
+samples.png, training.json and MODEL_CARD.md to bench/results/local/tiny_model/; the committed model
+is replaced only with an explicit --out bench/assets/tiny_model.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_model import ASSET_DIR, PHOTOS, UNET_CONFIG, ClassTokens, load_photos, sample, save_grid, to_uint8  # noqa: E402
+from options import LOCAL_RESULTS, add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
+from tiny_model import PHOTOS, UNET_CONFIG, ClassTokens, load_photos, sample, save_grid, to_uint8  # noqa: E402
 
 
 def random_crops(photos, batch, rng, size=32):
@@ -36,17 +38,23 @@ def random_crops(photos, batch, rng, size=32):
     return torch.from_numpy(out), torch.from_numpy(labels)
 
 
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    ap.add_argument("--batch", type=int, default=16, help="random 32x32 crops per step")
+    ap.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (one-cycle schedule)")
+    ap.add_argument("--cfg-dropout", type=float, default=0.1,
+                    help="probability of training on the null class (classifier-free guidance)")
+    ap.add_argument("--ema", type=float, default=0.999, help="decay of the EMA weights that are saved")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and noise")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    add_out(ap, "the trained model", default=os.path.join(LOCAL_RESULTS, "tiny_model"),
+            committed="bench/assets/tiny_model")
+    return ap
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=4e-4)
-    ap.add_argument("--cfg-dropout", type=float, default=0.1)
-    ap.add_argument("--ema", type=float, default=0.999)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", default=ASSET_DIR)
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save_file

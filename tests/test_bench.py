@@ -1,4 +1,5 @@
 """The harnesses run (smoke) and their metrics behave; the committed model loads offline."""
+import importlib
 import json
 import os
 import sys
@@ -121,3 +122,50 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
         assert res[kind]["total"]["gflop"] == pytest.approx(real[kind], rel=1e-3)
         assert res[kind]["total"]["mb"] > 0 and res[kind]["total"]["floor_us"] > 0
     assert res["reuse"]["total"]["floor_us"] < 0.5 * res["full"]["total"]["floor_us"]
+
+
+# Every bench script with a command line (configs, flops, options, record and tiny_model have none).
+SCRIPTS = ["quality", "autofr_search", "compile_check", "host_overhead", "kernel_bench",
+           "step_anatomy", "train_tiny"]
+
+
+def help_chunks(text: str) -> dict[str, str]:
+    """--help text -> {first option string: its whole entry, whitespace removed}."""
+    chunks, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            chunks[current] = ""
+        if current:
+            chunks[current] += "".join(line.split())
+    return chunks
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_exits_0_and_states_every_option_with_its_default(script, capsys):
+    from options import shown_default
+
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_:
+        mod.main(["--help"])
+    assert exit_.value.code == 0
+    chunks = help_chunks(capsys.readouterr().out)
+    for action in mod.parser()._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        entry = chunks[action.option_strings[0]]
+        assert len(action.help) > 5, (script, action.dest)  # documented
+        if "default" in action.help:  # a default the help spells out (it depends on the device)
+            assert "default" in entry
+        else:
+            assert "(default:" + "".join(shown_default(action.default).split()) + ")" in entry, (script, entry)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_results_go_to_bench_results_local_unless_out_says_otherwise(script):
+    local = os.path.realpath(os.path.join(BENCH, "results", "local"))
+    out = importlib.import_module(script).parser().get_default("out")
+    assert os.path.realpath(out) == local or os.path.dirname(os.path.realpath(out)) == local  # train_tiny: a subfolder
+    # quality.py still evaluates the committed Auto-FR policies by default
+    if script == "quality":
+        assert importlib.import_module(script).parser().get_default("autofr") == [os.path.join(BENCH, "results")]
