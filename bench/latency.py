@@ -4,22 +4,34 @@
     python bench/latency.py --config sd15 --device cuda --dtype float16 --steps 50 --out bench/results
 
 For every method it measures, side by side in one run: the time of one UNet call of each kind
-(full / reuse) and of a whole N-step CFG DDIM loop (medians after warm-up; CUDA events through
-triton.testing.do_bench on a GPU), the UNet FLOPs per generation (counted by
-torch.utils.flop_counter on the real loop), and the deviation of the final latents from full
-compute from the same noise. Before timing, NoReuse through frkern must match the unpatched UNet
-(max relative error under the dtype's tolerance); a configuration that fails is not timed.
+(full / reuse) and of a whole N-step CFG DDIM loop, the UNet FLOPs per generation (counted by
+torch.utils.flop_counter on the real loop), and the relative deviation of the final latents from
+full compute (diffusers eager) from the same noise. Before timing, NoReuse through frkern must
+match the unpatched UNet (max relative error under the dtype's tolerance); a configuration that
+fails is not timed.
+
+Timings are medians of interleaved repeats: every row is set up first (each on its own copy of the
+UNet sharing the weights), then repeat r times every row before repeat r+1 starts, so a slow spell
+of the machine hits all rows alike rather than one row's repeats. Each timing's spread, (max - min)
+/ median of its repeats, is recorded; a row whose spread exceeds --max-spread is flagged ("!") in
+the table and ("noisy": true) in the JSON: its ms and speed-up are not to be trusted.
+Results go to bench/results/local/ (git-ignored) unless --out says otherwise; they are rewritten
+after every row set up and every round of repeats, so a run cut off keeps what it had.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
 import copy
+import itertools
 import json
+import math
 import os
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -27,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
 from flops import count_gflop  # noqa: E402
+from options import add_out  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 from record import device_name, provenance  # noqa: E402
 
 # Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
@@ -34,19 +48,69 @@ GRAPH_CAPTURE = None
 PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Compiled variants reorder arithmetic; after N steps their latents drift further from eager's.
 COMPILED_RTOL = 1e-2
+# A row whose repeats spread wider than this, relative to their median, is flagged as noisy.
+MAX_SPREAD = 0.2
+# One sample runs a short call back to back until it lasts this long, so that timer resolution
+# and launch jitter do not dominate a 2 ms UNet call.
+MIN_SAMPLE_MS = 20.0
+GUIDANCE = 7.5
 
 
 @dataclass
 class Row:
     method: str
     backend: str = "-"
+    score_mix: str = "-"  # "on" / "off" for policies that have score mixing, "-" for the others
     calls: dict = field(default_factory=dict)
     gflop_per_gen: float = float("nan")
     ms_full_call: float = float("nan")
     ms_reuse_call: float = float("nan")
     ms_per_gen: float = float("nan")
     deviation: float = float("nan")
+    spread: dict = field(default_factory=dict)  # timed field -> (max - min) / median of its repeats
+    samples: dict = field(default_factory=dict)  # timed field -> ms of each repeat, in order
+    noisy: bool = False  # some timed field's spread is over --max-spread
     note: str = ""
+
+
+@dataclass(eq=False)
+class Timing:
+    """One timed field of a row: `run` is timed; `setup` (untimed) first puts back the state `run`
+    needs, since other rows' and this row's other timings run in between."""
+
+    row: Row
+    field: str
+    run: Callable[[], object]
+    setup: Callable[[], object] = lambda: None
+    number: int = 1  # back-to-back runs per sample (set by warm_up)
+    samples: list = field(default_factory=list)  # ms per run, one per repeat
+
+
+class Summary(NamedTuple):
+    median: float
+    spread: float  # (max - min) / median
+    noisy: bool  # spread > max_spread
+
+
+def summarize(samples: list[float], max_spread: float = MAX_SPREAD) -> Summary:
+    """Median of a timing's repeats, their spread relative to it, and whether that is too wide."""
+    med = statistics.median(samples)
+    spread = (max(samples) - min(samples)) / med if med > 0 else float("inf")
+    return Summary(med, spread, spread > max_spread)
+
+
+def interleaved(items: list, repeats: int) -> list[tuple[int, object]]:
+    """Round-robin schedule, (repeat, item): every item once per repeat, repeats in order."""
+    return [(r, item) for r in range(repeats) for item in items]
+
+
+def progress(items, desc: str):
+    """A tqdm bar on stderr over `items` (tqdm comes with the bench extra); without tqdm, the items."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, mininterval=1.0, file=sys.stderr)
 
 
 def build_unet(config: str, dtype, device):
@@ -107,22 +171,91 @@ def sample_loop(unet_fn, latents, ehs, kw, steps, handle=None, guidance=7.5):
     return x
 
 
-def timer(device):
+def clock(device) -> Callable[[Callable, int], float]:
+    """measure(fn, number): ms per call of `number` back-to-back calls of fn (CUDA events on a GPU)."""
     if device.type == "cuda":
-        import triton.testing
+        def cuda_ms(fn, number):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(number):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / number
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=100, rep=500, return_mode="median")
+        return cuda_ms
 
-    def cpu_median(fn, reps=3):  # medians of 3 after one warm-up: CPU timings are for the demo, not claims
-        fn()  # warm-up
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
+    def wall_ms(fn, number):
+        t0 = time.perf_counter()
+        for _ in range(number):
             fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
+        return (time.perf_counter() - t0) * 1e3 / number
 
-    return cpu_median
+    return wall_ms
+
+
+def warm_up(timings: list[Timing], measure, runs: int) -> None:
+    """Run each timing `runs` times untimed (lazy init, graph capture, compilation) and size its
+    samples from the last run."""
+    for t in progress(timings, "warm-up"):
+        for _ in range(runs):
+            t.setup()
+            ms = measure(t.run, 1)
+        t.number = max(1, math.ceil(MIN_SAMPLE_MS / max(ms, 1e-6)))
+
+
+def time_interleaved(timings: list[Timing], measure, repeats: int, max_spread: float, after_round=None) -> None:
+    """Sample every timing once per round, rounds in order; rows get medians after each round."""
+    for i, (_, t) in enumerate(progress(interleaved(timings, repeats), "timing")):
+        t.setup()
+        t.samples.append(measure(t.run, t.number))
+        if (i + 1) % len(timings) == 0:
+            record_timings(timings, max_spread)
+            if after_round is not None:
+                after_round()
+
+
+def record_timings(timings: list[Timing], max_spread: float) -> None:
+    """Each timed field of a row = the median of its samples so far; spreads and flag with it."""
+    for t in timings:
+        if t.samples:
+            s = summarize(t.samples, max_spread)
+            setattr(t.row, t.field, s.median)
+            t.row.spread[t.field] = s.spread
+            t.row.samples[t.field] = list(t.samples)
+    for row in {id(t.row): t.row for t in timings}.values():
+        row.noisy = any(v > max_spread for v in row.spread.values())
+
+
+def shared_weights_copy(unet):
+    """A copy of the module tree that shares the parameters and buffers: every row keeps its own
+    patched (wrapped, compiled) UNet through the interleaved repeats, without a copy of the weights."""
+    memo = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
+    return copy.deepcopy(unet, memo)
+
+
+@dataclass
+class Workload:
+    """What every row runs: the same noise, conditioning and number of steps."""
+
+    latents: torch.Tensor
+    ehs: torch.Tensor
+    kw: dict
+    steps: int
+    x_ref: torch.Tensor | None = None  # final latents of full compute (diffusers eager)
+
+    def __post_init__(self):  # the single-call timings: the CFG-doubled batch at t = 500
+        self.call_args = ((torch.cat([self.latents, self.latents]), torch.tensor(500, device=self.latents.device),
+                           self.ehs), self.kw)
+
+    def generate(self, model, handle=None):
+        """Final latents of the CFG DDIM loop through `model` (a UNet, or called like one)."""
+        return sample_loop(lambda x, t, e, **k: model(x, t, e, **k).sample, self.latents, self.ehs, self.kw,
+                           self.steps, handle, GUIDANCE)
+
+    def call(self, model):
+        return model(*self.call_args[0], **self.call_args[1])
 
 
 def rel(a, b) -> float:
@@ -156,18 +289,19 @@ DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3
                     "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
 
 
-@torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser():
+    ap = new_parser(__doc__)
     ap.add_argument("--config", default="tiny", choices=["tiny"] + sorted(CONFIGS),
                     help="tiny: the trained model in bench/assets (real weights); others: real layouts, random weights")
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps per generation")
     ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="default: float16 on CUDA, float32 on CPU")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                    help="dtype of the UNet and its inputs (default: float16 on CUDA, float32 on CPU)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="torch device to run on")
     ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES,
-                    help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5")
+                    help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5 "
+                         "(frkern NoReuse is always timed too)")
     ap.add_argument("--backends", nargs="*", default=None,
                     help="frkern backends to time (default: torch, plus triton on CUDA)")
     ap.add_argument("--compile", action="store_true",
@@ -177,11 +311,20 @@ def main(argv=None):
     ap.add_argument("--cuda-graph", action="store_true", help="also time the plain UNet captured in a CUDA graph")
     ap.add_argument("--graphs", default=None, choices=["off", "on", "both"],
                     help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
-    ap.add_argument("--channels-last", action="store_true")
-    ap.add_argument("--out", default="bench/results/local", help="folder for the JSON and markdown results")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved repeats per timing, after warm-up (default: 10 on CUDA, 5 on CPU)")
+    ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
+                    help="flag a row whose (max - min) / median of repeats exceeds this")
+    add_out(ap, "the JSON and markdown results")
     ap.add_argument("--tag", default="", help="suffix of the result files (several runs, one folder)")
-    args = ap.parse_args(argv)
+    return ap
 
+
+@torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
+def main(argv=None):
+    ap = parser()
+    args = ap.parse_args(argv)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     backends = args.backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
@@ -189,196 +332,262 @@ def main(argv=None):
         args.graphs or ("both" if device.type == "cuda" else "off")]
     if True in graph_modes and device.type != "cuda" and GRAPH_CAPTURE is None:
         ap.error("--graphs on/both needs --device cuda")
+    args.repeats = args.repeats or (10 if device.type == "cuda" else 5)
+    with recompiles_allowed() if args.compile else contextlib.nullcontext():
+        return run(args, device, dtype, backends, graph_modes)
+
+
+def run(args, device, dtype, backends, graph_modes) -> list[Row]:
     unet = build_unet(args.config, dtype, device)
     if args.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
-    latents, ehs, kw = make_inputs(args.config, unet, args.batch, dtype, device)
-    x2 = torch.cat([latents, latents])
-    call_args = ((x2, torch.tensor(500, device=device), ehs), kw)
-    bench = timer(device)
-    unet_fn = lambda x, t, e, **k: unet(x, t, e, **k).sample  # noqa: E731
+    work = Workload(*make_inputs(args.config, unet, args.batch, dtype, device), steps=args.steps)
 
     print(f"# frkern latency: config={args.config} steps={args.steps} batch={args.batch} (UNet batch "
           f"{2 * args.batch}) dtype={dtype} device={device} "
           f"{device_name(device)}")
-    rows: list[Row] = []
-    parity_errors = {b: parity(unet, call_args, b, dtype) for b in backends}
+    parity_errors = {b: parity(unet, work.call_args, b, dtype) for b in backends}
     for b, e in parity_errors.items():
         ok = e <= PARITY_RTOL[dtype]
         print(f"parity NoReuse[{b}] vs unpatched: max rel err {e:.2e} (tol {PARITY_RTOL[dtype]:.0e}) {'ok' if ok else 'FAILED'}")
 
-    # Reference: full compute, eager diffusers.
-    x_ref = sample_loop(unet_fn, latents, ehs, kw, args.steps)
-    base = Row("diffusers eager", calls={"full": args.steps})
-    base.gflop_per_gen = count_gflop(lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps))
-    base.ms_full_call = bench(lambda: unet(*call_args[0], **call_args[1]))
-    base.ms_per_gen = bench(lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps))
-    base.deviation = 0.0
-    rows.append(base)
-
+    # Set up every row (untimed: calls, FLOPs, deviation), then time them all interleaved.
+    work.x_ref = work.generate(unet)
+    rows, timings = eager_row(unet, work)
     if args.cuda_graph and device.type == "cuda":
-        rows.append(time_cuda_graph(unet, call_args, bench, args.steps))
+        add(rows, timings, cuda_graph_row(unet, work))
     if args.compile:
-        rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref, args.compile_backend))
+        add(rows, timings, compiled_row(unet, work, args.compile_backend))
         if device.type == "cuda":
-            rows.append(time_compiled(unet, call_args, latents, ehs, kw, args.steps, bench, x_ref, args.compile_backend,
-                                      mode="reduce-overhead"))
-    rows += time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref)
+            add(rows, timings, compiled_row(unet, work, args.compile_backend, mode="reduce-overhead"))
+    add(rows, timings, deepcache_package_rows(args.policies, unet, work))
+    handles = add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype,
+                              on_row=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
 
-    for backend in backends:
-        if parity_errors[backend] > PARITY_RTOL[dtype]:
-            rows.append(Row("frkern (all policies)", backend, note=f"not timed: parity failed ({parity_errors[backend]:.1e})"))
-            continue
-        variants = [(g, False) for g in graph_modes] + ([(g, True) for g in graph_modes] if args.compile else [])
-        for spec in ["NoReuse"] + list(args.policies):
-            policy = policy_from_spec(spec)
-            x_eager = None  # this policy's eager latents: graphed and compiled runs must agree with them
-            gflop = float("nan")
-            for graphs, compiled in variants:
-                label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
-                handle = frkern.patch(unet, policy, backend=backend, cuda_graphs=graphs)
-                if graphs and GRAPH_CAPTURE is not None:
-                    handle.graphs.capture = GRAPH_CAPTURE
-                if compiled:
-                    handle.compile(backend=args.compile_backend)
-                row = Row(f"frkern {spec}", label)
-                run_gen = lambda: sample_loop(unet_fn, latents, ehs, kw, args.steps, handle)  # noqa: E731
-                x = run_gen()
-                row.calls = {k: v for k, v in handle.stats.items()}
-                row.deviation = rel(x, x_ref)
-                if x_eager is None:
-                    x_eager = x
-                elif rel(x, x_eager) > (COMPILED_RTOL if compiled else PARITY_RTOL[dtype]) or torch.isnan(x).any():
-                    row.note = f"not timed: differs from eager {spec} by {rel(x, x_eager):.1e}"
-                    frkern.unpatch(unet)
-                    rows.append(row)
-                    continue
-                if not (graphs or compiled):  # FLOPs do not depend on graphs or compilation
-                    gflop = count_gflop(run_gen)
-                row.gflop_per_gen = gflop
-                row.ms_per_gen = bench(run_gen)
-                row.ms_full_call, row.ms_reuse_call = time_step_kinds(unet, handle, policy, call_args, bench)
-                if graphs:
-                    row.note = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
-                frkern.unpatch(unet)
-                rows.append(row)
-                # results so far on disk after every row: a GPU call cut off at its time limit keeps them
-                report(rows, args, device, dtype, parity_errors, quiet=True)
-
+    measure = clock(device)
+    warm_up(timings, measure, runs=3 if device.type == "cuda" else 1)
+    # results so far on disk after every round: a GPU call cut off at its time limit keeps them
+    time_interleaved(timings, measure, args.repeats, args.max_spread,
+                     after_round=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
+    for row, handle in handles:
+        if "+graphs" in row.backend:
+            row.note = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
+        handle.unpatch()
     report(rows, args, device, dtype, parity_errors)
     return rows
 
 
-def time_step_kinds(unet, handle, policy, call_args, bench):
-    """Time one full call and one reuse call of this policy (cache filled by a keyframe first)."""
-    handle.begin(1000)
-    full = bench(lambda: (handle.set_step(0), unet(*call_args[0], **call_args[1])))
+def recompiles_allowed(limit: int = 64):
+    """Every compiled row (its own UNet copy, each step kind) is one more cache entry of the same
+    UNet forward code object; past dynamo's recompile limit (8) later rows would silently run eager."""
+    import torch._dynamo.config as dynamo_config
+
+    return dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, limit))
+
+
+def add(rows: list, timings: list, made: tuple) -> None:
+    rows += made[0]
+    timings += made[1]
+
+
+def eager_row(unet, work):
+    """The reference: full compute, eager diffusers."""
+    row = Row("diffusers eager", calls={"full": work.steps}, deviation=0.0)
+    row.gflop_per_gen = count_gflop(lambda: work.generate(unet))
+    return [row], [Timing(row, "ms_per_gen", lambda: work.generate(unet)),
+                   Timing(row, "ms_full_call", lambda: work.call(unet))]
+
+
+def score_mix_label(policy) -> str:
+    on = getattr(policy, "score_mix", None)
+    return "-" if on is None else ("on" if on else "off")
+
+
+def frkern_variants(args, backends, graph_modes) -> list[tuple[str, str, bool, bool]]:
+    """(backend, policy spec, graphs, compiled) of every frkern row, in table order."""
+    variants = [(g, False) for g in graph_modes] + ([(g, True) for g in graph_modes] if args.compile else [])
+    return [(b, spec, g, c) for b in backends for spec in ["NoReuse"] + list(args.policies) for g, c in variants]
+
+
+def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, on_row):
+    """One row per frkern variant, each on its own patched copy of the UNet; returns (row, handle)
+    of the timed ones (unpatched after the timings)."""
+    handles = []
+    first = {}  # (backend, spec) -> (latents, GFLOP) of its first variant, which the others must match
+    failed = set()
+    for backend, spec, graphs, compiled in progress(frkern_variants(args, backends, graph_modes), "frkern rows"):
+        if parity_errors[backend] > PARITY_RTOL[dtype]:
+            if backend not in failed:
+                failed.add(backend)
+                rows.append(Row("frkern (all policies)", backend,
+                                note=f"not timed: parity failed ({parity_errors[backend]:.1e})"))
+            continue
+        policy = policy_from_spec(spec)
+        label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
+        model = shared_weights_copy(unet)
+        handle = frkern.patch(model, policy, backend=backend, cuda_graphs=graphs)
+        if graphs and GRAPH_CAPTURE is not None:
+            handle.graphs.capture = GRAPH_CAPTURE
+        if compiled:
+            handle.compile(backend=args.compile_backend)
+        row = Row(f"frkern {spec}", label, score_mix=score_mix_label(policy))
+        x = work.generate(model, handle)
+        row.calls = dict(handle.stats)
+        row.deviation = rel(x, work.x_ref)
+        rows.append(row)
+        if (backend, spec) not in first:  # FLOPs do not depend on graphs or compilation
+            first[(backend, spec)] = (x, count_gflop(lambda: work.generate(model, handle)) if not (graphs or compiled)
+                                      else float("nan"))
+        x_first, row.gflop_per_gen = first[(backend, spec)]
+        if rel(x, x_first) > (COMPILED_RTOL if compiled else PARITY_RTOL[dtype]) or torch.isnan(x).any():
+            row.note = f"not timed: differs from eager {spec} by {rel(x, x_first):.1e}"
+            handle.unpatch()
+        else:
+            timings.append(Timing(row, "ms_per_gen", lambda m=model, h=handle: work.generate(m, h)))
+            timings += step_kind_timings(row, model, handle, policy, work)
+            handles.append((row, handle))
+        on_row()
+    return handles
+
+
+def step_kind_timings(row, model, handle, policy, work) -> list[Timing]:
+    """One full call and one reuse call of this policy. set_step before every call: a second call
+    in the same step would be the step's next slot."""
+    def full_setup():
+        handle.begin(1000)
+
+    def full_call():
+        handle.set_step(0)
+        work.call(model)
+
+    timings = [Timing(row, "ms_full_call", full_call, full_setup)]
     plans = policy.schedule(1000)
     reuse_step = next((i for i, p in enumerate(plans) if not p.keyframe and p.runs_network), None)
     if reuse_step is None:
-        return full, float("nan")
+        return timings
     key = max(i for i in range(reuse_step) if plans[i].keyframe)
+
+    def reuse_setup():  # the cache filled by this policy's last keyframe before reuse_step
+        handle.begin(1000)
+        handle.set_step(key)
+        work.call(model)
 
     def reuse_call():
         handle.set_step(reuse_step)
-        unet(*call_args[0], **call_args[1])
+        work.call(model)
 
-    handle.set_step(key)
-    unet(*call_args[0], **call_args[1])
-    return full, bench(reuse_call)
+    return timings + [Timing(row, "ms_reuse_call", reuse_call, reuse_setup)]
 
 
-def time_cuda_graph(unet, call_args, bench, steps):
-    row = Row("diffusers eager in one CUDA graph", calls={"full": steps})
-    static_out = None
+def cuda_graph_row(unet, work):
+    row = Row("diffusers eager in one CUDA graph", calls={"full": work.steps},
+              note="per generation = steps x replay (UNet time only)")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):
-            unet(*call_args[0], **call_args[1])
+            work.call(unet)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        static_out = unet(*call_args[0], **call_args[1]).sample  # noqa: F841
-    row.ms_full_call = bench(g.replay)
-    row.ms_per_gen = row.ms_full_call * steps
-    row.note = "per generation = steps x call (UNet time only)"
-    return row
+        work.call(unet)
+
+    def replay_steps():
+        for _ in range(work.steps):
+            g.replay()
+
+    return [row], [Timing(row, "ms_per_gen", replay_steps), Timing(row, "ms_full_call", g.replay)]
 
 
-def time_compiled(unet, call_args, latents, ehs, kw, steps, bench, x_ref, backend, mode=None):
+def compiled_row(unet, work, backend, mode=None):
     name = "torch.compile" + (" + CUDA graph (mode reduce-overhead)" if mode == "reduce-overhead" else " (default)")
-    row = Row(name, backend, calls={"full": steps})
-    cu = torch.compile(copy.deepcopy(unet), backend=backend, mode=mode)
+    row = Row(name, backend, calls={"full": work.steps})
+    cu = torch.compile(shared_weights_copy(unet), backend=backend, mode=mode)
     t0 = time.perf_counter()
-    cu(*call_args[0], **call_args[1])
+    work.call(cu)
     row.note = f"compile {time.perf_counter() - t0:.0f} s"
-    fn = lambda x, t, e, **k: cu(x, t, e, **k).sample  # noqa: E731
-    row.ms_full_call = bench(lambda: cu(*call_args[0], **call_args[1]))
-    row.ms_per_gen = bench(lambda: sample_loop(fn, latents, ehs, kw, steps))
-    row.deviation = rel(sample_loop(fn, latents, ehs, kw, steps), x_ref)
-    return row
+    row.deviation = rel(work.generate(cu), work.x_ref)
+    return [row], [Timing(row, "ms_per_gen", lambda: work.generate(cu)), Timing(row, "ms_full_call", lambda: work.call(cu))]
 
 
-def time_deepcache_package(args, unet, latents, ehs, kw, bench, x_ref):
-    """The `deepcache` package's own helper on the same UNet, if it is installed."""
+def deepcache_package_rows(policies, unet, work):
+    """The `deepcache` package's own helper, each interval on its own copy of the UNet, if installed."""
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
-        return [Row("DeepCache package", note="not installed")]
-    rows = []
-    for spec in [p for p in args.policies if p.startswith("DeepCache")]:
+        return [Row("DeepCache package", note="not installed")], []
+    rows, timings = [], []
+    for spec in [p for p in policies if p.startswith("DeepCache")]:
         pol = policy_from_spec(spec)
-
-        class _Pipe:  # the helper reads pipe.unet and pipe.scheduler.timesteps
-            pass
-
-        pipe = _Pipe()
-        pipe.unet = unet
-        pipe.scheduler = scheduler()
+        model = shared_weights_copy(unet)
+        pipe = SimpleNamespace(unet=model, scheduler=scheduler())  # the helper reads these two
+        pipe.scheduler.set_timesteps(work.steps, device=work.latents.device)  # it looks up t in them
         helper = DeepCacheSDHelper(pipe=pipe)
         helper.set_params(cache_interval=pol.interval, cache_branch_id=pol.branch)
         helper.enable()
 
-        def run():
-            sch = pipe.scheduler
-            sch.set_timesteps(args.steps, device=latents.device)
+        def run(model=model, helper=helper):
             helper.start_timestep = None
-            x = latents
-            for t in sch.timesteps:
-                eps = unet(torch.cat([x, x]), t, ehs, **kw).sample
-                u, c = eps.chunk(2)
-                x = sch.step(u + 7.5 * (c - u), t, x).prev_sample
-            return x
+            return work.generate(model)
 
         row = Row(f"DeepCache package {spec}", "deepcache 0.1.1")
-        row.deviation = rel(run(), x_ref)
+        row.deviation = rel(run(), work.x_ref)
         row.gflop_per_gen = count_gflop(run)
-        row.ms_per_gen = bench(run)
-        helper.disable()
-        unet.__dict__.pop("forward", None)
         rows.append(row)
-    return rows
+        timings.append(Timing(row, "ms_per_gen", run))
+    return rows, timings
+
+
+def table_notes(args) -> list[str]:
+    """What the table's figures are; printed under it and written with it."""
+    return [
+        f"- ms: median of {args.repeats} interleaved repeats after warm-up (repeat r times every row "
+        "before repeat r+1 starts); CUDA events on a GPU, wall clock on a CPU. ms full/reuse call: one "
+        f"UNet call of that kind (CFG batch); ms/gen: the whole {args.steps}-step loop, scheduler included.",
+        "- timing spread: (max - min) / median of those repeats, the largest over the row's timings. "
+        f"`!` marks a spread over {args.max_spread:.0%}: the machine was busy or its clocks moved, and that "
+        "row's ms and speed-up are unreliable (re-run on an idle machine).",
+        "- speed-up: ms/gen of diffusers eager / ms/gen of the row (`!` when either is flagged).",
+        "- rel. dev. of latents: ||x - x_ref||_2 / ||x_ref||_2 over the final latents (float64), x_ref from "
+        f"diffusers eager with full compute, same noise and conditioning, same {args.steps} DDIM steps, "
+        f"CFG guidance {GUIDANCE}; 0 = identical.",
+        "- score mix: FRDiff's score mixing, on or off (on: a non-keyframe step's output is lambda * reuse "
+        "+ (1 - lambda) * the last keyframe's, and lambda = 0 skips the network, the 'skip' calls); "
+        "- = the method has none.",
+        "- GFLOP/gen: UNet FLOPs of one generation, counted by torch.utils.flop_counter on the real loop.",
+    ]
+
+
+def fmt_cells(r: Row, base: Row) -> list[str]:
+    calls = "/".join(str(r.calls.get(k, 0)) for k in ("full", "reuse", "skip")) if r.calls else "-"
+    if r.calls.get("promoted"):
+        calls += f" ({r.calls['promoted']} promoted)"
+    speed = base.ms_per_gen / r.ms_per_gen if r.ms_per_gen == r.ms_per_gen else float("nan")
+    flag = " !" if r.noisy or base.noisy else ""
+    spread = f"{max(r.spread.values()):.0%}" + (" !" if r.noisy else "") if r.spread else "-"
+    return [r.method, r.backend, r.score_mix, calls, f"{r.gflop_per_gen:.1f}", f"{r.ms_full_call:.2f}",
+            f"{r.ms_reuse_call:.2f}", f"{r.ms_per_gen:.1f}", f"{speed:.2f}x{flag}", spread, f"{r.deviation:.4f}",
+            r.note]
 
 
 def report(rows, args, device, dtype, parity_errors, quiet=False):
-    base = rows[0]
-    head = ["method", "backend", "UNet calls (full/reuse/skip)", "GFLOP/gen", "ms full call", "ms reuse call",
-            "ms/gen", "speed-up", "rel. dev. of latents", "note"]
+    head = ["method", "backend", "score mix", "UNet calls (full/reuse/skip)", "GFLOP/gen", "ms full call",
+            "ms reuse call", "ms/gen", "speed-up", "timing spread", "rel. dev. of latents", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        calls = "/".join(str(r.calls.get(k, 0)) for k in ("full", "reuse", "skip")) if r.calls else "-"
-        if r.calls.get("promoted"):
-            calls += f" ({r.calls['promoted']} promoted)"
-        speed = base.ms_per_gen / r.ms_per_gen if r.ms_per_gen == r.ms_per_gen else float("nan")
-        cells = [r.method, r.backend, calls, f"{r.gflop_per_gen:.1f}", f"{r.ms_full_call:.2f}", f"{r.ms_reuse_call:.2f}",
-                 f"{r.ms_per_gen:.1f}", f"{speed:.2f}x", f"{r.deviation:.4f}", r.note]
-        lines.append("| " + " | ".join(cells) + " |")
-    table = "\n".join(lines)
+    lines += ["| " + " | ".join(fmt_cells(r, rows[0])) + " |" for r in rows]
+    notes = table_notes(args)
+    table = "\n".join(lines + [""] + notes)
     if not quiet:
         print(table)
+        noisy = [f"{r.method} [{r.backend}]" for r in rows if r.noisy]
+        if noisy:
+            print(f"WARNING: timing spread over {args.max_spread:.0%} (busy machine?): " + "; ".join(noisy))
     meta = {**provenance(device), "config": args.config, "steps": args.steps, "batch": args.batch,
-            "dtype": str(dtype), "parity_max_rel_err": parity_errors}
+            "dtype": str(dtype), "parity_max_rel_err": parity_errors,
+            "timing": {"repeats": args.repeats, "order": "interleaved: round-robin over all rows' timings",
+                       "statistic": "median", "spread": "(max - min) / median", "max_spread": args.max_spread},
+            "deviation": "||x - x_ref||_2 / ||x_ref||_2 of the final latents, x_ref = diffusers eager, full compute, "
+                         "same noise", "notes": notes}
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"latency_{args.config}_{device.type}_{str(dtype).split('.')[-1]}_{args.steps}steps"
                         + (f"_{args.tag}" if args.tag else ""))
@@ -389,7 +598,6 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
         f.write("```\n" + json.dumps(meta, indent=1, default=str) + "\n```\n\n" + table + "\n")
     if not quiet:
         print(f"wrote {stem}.json and {stem}.md")
-
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import importlib
 import json
 import os
+import statistics
 import sys
 
 import numpy as np
@@ -29,15 +30,26 @@ def test_latency_harness_smoke(tmp_path, capsys):
     import latency
 
     rows = latency.main(["--steps", "4", "--policies", "FRDiff:interval=2", "Clockwork:clock=2",
-                         "--out", str(tmp_path)])
+                         "--repeats", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "parity NoReuse[torch] vs unpatched: max rel err 0.00e+00" in out
     by = {r.method: r for r in rows}
     assert by["frkern NoReuse"].deviation == 0.0
     assert by["frkern FRDiff:interval=2"].calls == {"full": 2, "skip": 1, "reuse": 1}
     assert by["frkern FRDiff:interval=2"].gflop_per_gen < by["diffusers eager"].gflop_per_gen
+    assert [by[m].score_mix for m in ("diffusers eager", "frkern FRDiff:interval=2", "frkern Clockwork:clock=2")] \
+        == ["-", "on", "-"]
+    fr = by["frkern FRDiff:interval=2"]
+    assert {k: len(v) for k, v in fr.samples.items()} == {"ms_per_gen": 2, "ms_full_call": 2, "ms_reuse_call": 2}
+    assert fr.ms_per_gen == statistics.median(fr.samples["ms_per_gen"]) and set(fr.spread) == set(fr.samples)
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert data["meta"]["device"].startswith("cpu") and len(data["rows"]) == len(rows)
+    assert all("noisy" in r and "spread" in r for r in data["rows"])
+    assert data["meta"]["timing"]["repeats"] == 2
+    # the table says what its figures are
+    md = next(tmp_path.glob("*.md")).read_text()
+    assert "| score mix |" in md and "timing spread" in md
+    assert "rel. dev. of latents: ||x - x_ref||_2 / ||x_ref||_2 over the final latents" in md
 
 
 def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
@@ -49,7 +61,7 @@ def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
 
     monkeypatch.setattr(latency, "GRAPH_CAPTURE", EmulatedCapture())
     rows = latency.main(["--steps", "4", "--policies", "FRDiff:interval=2", "--graphs", "both", "--compile",
-                         "--compile-backend", "eager", "--out", str(tmp_path), "--tag", "t"])
+                         "--compile-backend", "eager", "--repeats", "1", "--out", str(tmp_path), "--tag", "t"])
     by = {(r.method, r.backend): r for r in rows}
     assert by[("torch.compile (default)", "eager")].deviation == 0.0
     eager = by[("frkern FRDiff:interval=2", "torch")]
@@ -125,7 +137,7 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
 
 
 # Every bench script with a command line (configs, flops, options, record and tiny_model have none).
-SCRIPTS = ["quality", "autofr_search", "compile_check", "host_overhead", "kernel_bench",
+SCRIPTS = ["latency", "quality", "autofr_search", "compile_check", "host_overhead", "kernel_bench",
            "step_anatomy", "train_tiny"]
 
 
@@ -169,3 +181,57 @@ def test_results_go_to_bench_results_local_unless_out_says_otherwise(script):
     # quality.py still evaluates the committed Auto-FR policies by default
     if script == "quality":
         assert importlib.import_module(script).parser().get_default("autofr") == [os.path.join(BENCH, "results")]
+
+
+def test_timing_summary_flags_a_wide_spread_and_not_a_tight_one():
+    from latency import MAX_SPREAD, summarize
+
+    tight = summarize([100.0, 101.0, 99.0, 100.5, 99.5])
+    assert tight.median == 100.0 and tight.spread == pytest.approx(0.02) and not tight.noisy
+    wide = summarize([100.0, 1650.0, 98.0, 101.0, 99.0])  # one repeat hit by a busy machine
+    assert wide.median == 100.0 and wide.spread == pytest.approx(15.52) and wide.noisy
+    assert summarize([10.0, 11.5, 10.0], max_spread=0.1).noisy and not summarize([10.0, 11.5, 10.0]).noisy
+    assert MAX_SPREAD == 0.2 and summarize([5.0]) == (5.0, 0.0, False)
+
+
+def test_noisy_rows_are_flagged_in_the_table_and_the_record():
+    from latency import Row, Timing, fmt_cells, record_timings
+
+    base, tight, wide = Row("diffusers eager"), Row("frkern A"), Row("frkern B")
+    timings = [Timing(base, "ms_per_gen", None, samples=[100.0, 102.0, 101.0]),
+               Timing(tight, "ms_per_gen", None, samples=[50.0, 51.0, 50.5]),
+               Timing(wide, "ms_per_gen", None, samples=[50.0, 900.0, 52.0]),
+               Timing(wide, "ms_full_call", None, samples=[5.0, 5.1, 5.0])]
+    record_timings(timings, max_spread=0.2)
+    assert (base.noisy, tight.noisy, wide.noisy) == (False, False, True)
+    assert wide.ms_per_gen == 52.0 and wide.samples["ms_per_gen"] == [50.0, 900.0, 52.0]
+    assert wide.spread["ms_per_gen"] == pytest.approx(850 / 52) and wide.spread["ms_full_call"] == pytest.approx(0.02)
+    head = ["speed-up", "timing spread"]
+    cells = {r.method: dict(zip(head, fmt_cells(r, base)[8:10])) for r in (base, tight, wide)}
+    assert cells["frkern A"] == {"speed-up": "2.00x", "timing spread": "2%"}
+    assert cells["frkern B"] == {"speed-up": "1.94x !", "timing spread": "1635% !"}
+    assert json.loads(json.dumps(wide.__dict__))["noisy"] is True
+
+
+def test_timings_are_interleaved_round_robin():
+    from latency import Row, Timing, interleaved, time_interleaved
+
+    assert interleaved(["A", "B", "C"], 2) == [(0, "A"), (0, "B"), (0, "C"), (1, "A"), (1, "B"), (1, "C")]
+    ran, rounds = [], []
+    row = Row("r")
+    timings = [Timing(row, f, lambda f=f: ran.append(f), setup=lambda f=f: ran.append("setup " + f))
+               for f in ("ms_per_gen", "ms_full_call")]
+    time_interleaved(timings, lambda fn, number: fn() or 7.0, repeats=3, max_spread=0.2,
+                     after_round=lambda: rounds.append(len(ran)))
+    assert ran == ["setup ms_per_gen", "ms_per_gen", "setup ms_full_call", "ms_full_call"] * 3
+    assert rounds == [4, 8, 12]  # the record is rewritten after every round
+    assert row.samples == {"ms_per_gen": [7.0] * 3, "ms_full_call": [7.0] * 3} and row.ms_per_gen == 7.0
+
+
+def test_progress_bars_need_tqdm_only_when_installed(monkeypatch):
+    from latency import progress
+
+    assert list(progress([1, 2], "x")) == [1, 2]
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if not installed: import raises ImportError
+    items = [1, 2]
+    assert progress(items, "x") is items
