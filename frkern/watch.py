@@ -34,6 +34,10 @@ _watched: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def _bump(module, _name, _value) -> None:
+    # Inside a traced forward (diffusers slicing a ModuleList) this must leave no guard on
+    # _watched: patching another model would recompile every compiled one.
+    if torch.compiler.is_compiling():
+        return
     if module in _watched:
         _epoch[0] += 1  # returns None: the hook changes nothing it is shown
 

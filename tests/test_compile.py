@@ -55,6 +55,10 @@ def test_compiled_patched_unet_has_one_graph_per_step_kind_and_no_recompiles(kin
             assert first == kinds_of_step
     assert graphs() == first, "recompiled in steady state"
     assert breaks() == 0
+    # patching (and starting) another model leaves this one's graphs alone
+    frkern.patch(make().unet, frkern.FRDiff(interval=2)).begin(2)
+    assert torch.equal(generate(pipe, prompt, steps=7), eager)
+    assert graphs() == first, "patching another model recompiled this one"
 
     # a new resolution compiles new graphs (guards see the shapes) and stays correct
     other = generate(pipe, prompt, steps=7, size=40)
