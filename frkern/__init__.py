@@ -30,12 +30,13 @@ from .policies import (  # noqa: E402
     load_policy,
     save_policy,
     score_mix_lambda,
+    SkipConv,
 )
 from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
 
 __all__ = [
     "patch", "unpatch", "Handle", "handle_of",
-    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache",
+    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]
 __version__ = "0.1.0"

@@ -19,10 +19,10 @@ from .cache import signature
 from .family import Call, ModelFamily
 from .graphs import GraphRunner
 from .policies import NoReuse, Policy
-from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, CallSignature, Runtime
+from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
 from .unet2d import UNet2DFamily, uncompiled
-from .units import CachedSegment, ReusedTransformer2D
+from .units import CachedSegment, GatedConv2d, ReusedTransformer2D, gated_conv_supported
 
 FAMILIES: tuple[ModelFamily, ...] = (UNet2DFamily(),)
 _HANDLE_ATTR = "_frkern_handle"
@@ -75,7 +75,9 @@ class Handle:
         self._network = self._orig_forward  # what runs the network (handle.compile replaces it)
         self.graphs = GraphRunner(self._run_network_fn, self.runtime) if cuda_graphs else None
         self._warned_untracked = False
+        self._gated: list[GatedConv2d] = []  # SkipConv's units, for the active-tile measure
         self.active = False
+
 
     # A deep copy of a patched model (or of a pipeline holding one) is patched in its own right:
     # same policy, backend and graphs setting, its own runtime and empty cache, its own pipeline's
@@ -94,6 +96,7 @@ class Handle:
         if self.graphs is not None:
             new.graphs.capture = self.graphs.capture
         new._swaps = copy.deepcopy(self._swaps, memo)
+        new._gated = copy.deepcopy(self._gated, memo)
         for ref in self._pipelines:
             pipe = ref()
             if pipe is not None and id(pipe) in memo:  # the pipeline is being copied with it
@@ -128,8 +131,12 @@ class Handle:
     @property
     def stats(self) -> dict:
         """Calls of the current generation by kind: full, reuse, skip (no network), promoted
-        (a reuse step that had to run in full), untracked (outside any tracked generation)."""
-        return dict(self.runtime.stats)
+        (a reuse step that had to run in full), untracked (outside any tracked generation); with
+        SkipConv also active_fraction: {step: fraction of input tiles recomputed} (reads the device)."""
+        out = dict(self.runtime.stats)
+        for name, by_step in self.runtime.measures.items():
+            out[name] = {step: float(v) for step, v in sorted(by_step.items())}
+        return out
 
     def schedule(self, num_steps: int) -> list:
         return self.policy.schedule(num_steps)
@@ -228,6 +235,11 @@ class Handle:
     @torch.compiler.disable
     def _finish(self, plan, call_sig, out):
         rt = self.runtime
+        if rt.mode == REUSE_MODE and self._gated:
+            active = [u.last_active for u in self._gated if u.last_active is not None]
+            if active:  # one small device reduction, no host read
+                rt.measures["active_fraction"][rt.step] = (
+                    sum(a.sum() for a in active).float() / sum(a.numel() for a in active))
         if rt.mode != COMPUTE_MODE:
             if plan.keyframe:
                 if self.policy.keeps_keyframe_output:
@@ -310,6 +322,11 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     segment_paths = family.segment_paths(model, policy) if policy.reuse == "segment" else []
     for p in segment_paths:
         model.get_submodule(p)  # every path must exist before anything changes
+    gated_paths = family.gated_conv_paths(model) if policy.reuse == "gated_conv" else []
+    bad = [f"{p} ({model.get_submodule(p)})" for p in gated_paths if not gated_conv_supported(model.get_submodule(p))]
+    if bad:
+        raise ValueError(f"frkern.patch: {policy.name} gates stride-1 3x3 (padding 1) or 1x1 nn.Conv2d only; "
+                         f"these are not: {'; '.join(bad)}")
 
     handle = Handle(model, family, policy, backend, cuda_graphs)
     rt = handle.runtime
@@ -322,6 +339,9 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
         handle._swaps.append(_swap(model, name, wrapper_cls(module, rt, name, cache_unit, backend)))
     for path in segment_paths:
         handle._swaps.append(_swap(model, path, CachedSegment(model.get_submodule(path), rt, path, True, backend)))
+    for path in gated_paths:
+        handle._gated.append(GatedConv2d(model.get_submodule(path), rt, path, True, backend))
+        handle._swaps.append(_swap(model, path, handle._gated[-1]))
 
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.

@@ -44,6 +44,10 @@ class ModelFamily:
         """Module paths a segment policy caches whole."""
         raise NotImplementedError
 
+    def gated_conv_paths(self, model: nn.Module) -> list[str]:
+        """Module paths of the convolutions a residual-skipping policy (SkipConv) gates."""
+        raise NotImplementedError
+
     def bind_call(self, args: tuple, kwargs: dict) -> tuple[Call, bool]:
         """(the call by role, return_dict) from the model forward's arguments."""
         raise NotImplementedError

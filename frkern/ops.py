@@ -14,6 +14,7 @@ import torch
 from .kernels import geglu as _gg
 from .kernels import group_norm as _gn
 from .kernels import score_mix as _sm
+from .kernels import skip_conv as _sc
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -100,3 +101,9 @@ def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     if use_triton(backend, x):
         return _geglu_op(x)
     return _gg.geglu_reference(x)
+
+
+def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding=1, backend: str = "auto"):
+    """One Skip-Convolution step (kernels/skip_conv.py): (output, new x_ref, active tile mask).
+    Every backend runs the PyTorch reference for now (the tile-predicated Triton conv is to come)."""
+    return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding)

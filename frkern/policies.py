@@ -9,7 +9,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Union
+from typing import ClassVar, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -229,11 +229,43 @@ class DeepCache(Policy):
         return FULL if step % self.interval == 0 else StepPlan(keyframe=False)
 
 
+@dataclass(frozen=True)
+class SkipConv(Policy):
+    """Skip-Convolutions with an exact reference input (Habibian et al. 2021, REFERENCE §8).
+
+    Every ResNet conv1 and conv2 keeps a reference input x_ref and z = conv(x_ref). Keyframes (step 0,
+    and every `interval`-th step if given) compute densely; other steps recompute only the output
+    tiles (tile x tile pixels) whose receptive field touches an input tile whose relative change
+    exceeds `threshold`. threshold 0 computes what full compute computes.
+    """
+
+    threshold: float = 0.05
+    tile: int = 8
+    interval: Optional[int] = None
+
+    name: ClassVar[str] = "SkipConv"
+    reuse: ClassVar[str] = "gated_conv"
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+                math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"SkipConv: threshold must be a finite number >= 0, got {self.threshold!r}")
+        _check_int("tile", self.tile, 1, "SkipConv")
+        if self.interval is not None:
+            _check_int("interval", self.interval, 1, "SkipConv")
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if step == 0 or (self.interval is not None and step % self.interval == 0):
+            return FULL
+        return StepPlan(keyframe=False)
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache)
+    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv)
 }
 
-AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache]
+AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv]
 
 
 def policy_from_dict(data: dict) -> Policy:

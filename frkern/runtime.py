@@ -81,6 +81,9 @@ class Runtime:
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
         self.stats: collections.Counter = collections.Counter()
+        # Per-step device scalars about what units did (SkipConv: fraction of active tiles), read
+        # on the host only when someone asks (Handle.stats).
+        self.measures: dict[str, dict[int, torch.Tensor]] = collections.defaultdict(dict)
 
     # A copy of a patched model gets a runtime of its own: same policy, empty cache.
     def __deepcopy__(self, memo):
@@ -113,6 +116,7 @@ class Runtime:
         self.step = 0
         self.slot = 0
         self.stats.clear()
+        self.measures.clear()
         self.relocate(start)
 
     def relocate(self, step: int) -> None:
@@ -193,6 +197,9 @@ class Runtime:
             for unit, (value, sig) in self.writes.items():
                 self.cache.put((self.slot, unit), value, sig)
             self._key_sigs[self.slot] = call_sig
+        elif self.mode == REUSE_MODE:
+            for unit, (value, sig) in self.writes.items():  # stateful units moved on
+                self.cache.put((self.slot, unit), value, sig)
         self.reads.clear()
         self.writes.clear()
         self.mode = OFF
@@ -215,23 +222,30 @@ class Runtime:
     # --- the unit protocol ---------------------------------------------------------------------
     # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
     # `reads` and `writes`, whose guards do not change from one step to the next.
-    def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None):
+    def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None,
+             update: Callable[[Any], tuple] | None = None):
         """The output of reuse unit `name` for this call.
 
         compute() computes it fresh: it returns the output, or (output, state) when the unit
         caches something else than its output; reuse(state) turns a cached state back into the
-        output (default: the state is the output). `sig` describes the unit's input; a cached
-        state is read only if it was made from an input of the same signature. A state may be any
-        pytree of tensors (a unit may cache more than one tensor).
+        output (default: the state is the output). A stateful unit (Skip-Convolution) passes
+        update(state) -> (output, new state) instead of reuse: its state moves on every reuse call
+        and is committed after it. `sig` describes the unit's input; a cached state is read only if
+        it was made from an input of the same signature. A state may be any pytree of tensors (a
+        unit may cache more than one tensor).
         """
         mode = self.mode
         if mode == REUSE_MODE:
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:
+                if update is not None:
+                    output, new_state = update(entry[0])
+                    self.writes[name] = (new_state, sig)
+                    return output
                 return entry[0] if reuse is None else reuse(entry[0])
             self.stats["unit_miss"] += 1
         result = compute()
-        output, state = (result, result) if reuse is None else result
+        output, state = (result, result) if reuse is None and update is None else result
         if mode == FULL_MODE:
             self.writes[name] = (state, sig)
         elif isinstance(mode, UnitMode):

@@ -69,6 +69,13 @@ class UNet2DFamily(ModelFamily):
     def segment_paths(self, unet, policy):
         return segment_cut(unet, policy)
 
+    def gated_conv_paths(self, unet):
+        # Every ResNet's conv1 and conv2: most of a UNet's convolution FLOPs, inputs that change
+        # smoothly between steps. conv_in/conv_out, shortcuts and resamplers stay dense (small, or
+        # strided).
+        return [f"{name}.{conv}" for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)
+                for conv in ("conv1", "conv2")]
+
     def bind_call(self, args, kwargs):
         # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)
         kwargs = dict(kwargs)

@@ -59,13 +59,13 @@ class _Wrapper(nn.Module):
         self.original.training = mode
         return self
 
-    def cached(self, sig, compute, reuse=None):
+    def cached(self, sig, compute, reuse=None, update=None):
         """This unit's output through the runtime's unit protocol (see Runtime.unit), or simply
         computed when the policy caches nothing here."""
         if not self.cache_unit:
             result = compute()
-            return result if reuse is None else result[0]
-        return self.runtime.unit(self.unit, sig, compute, reuse)
+            return result if reuse is None and update is None else result[0]
+        return self.runtime.unit(self.unit, sig, compute, reuse, update)
 
     def extra_repr(self) -> str:
         return f"unit={self.unit!r}, cached={self.cache_unit}"
@@ -199,3 +199,41 @@ class CachedSegment(_Wrapper):
 
     def forward(self, *args, **kwargs):
         return self.cached(signature(_primary_input(args, kwargs)), lambda: self.original(*args, **kwargs))
+
+
+class GatedConv2d(_Wrapper):
+    """A 3x3 (padding 1) or 1x1 stride-1 convolution computed only where its input changed
+    (Skip-Convolutions with an exact reference input, kernels/skip_conv.py). State: (x_ref, z,
+    active tiles); keyframes compute densely, other calls move the state on (stateful unit)."""
+
+    def __init__(self, original, runtime, unit, cache_unit, backend):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        policy = runtime.policy
+        self.tile, self.threshold = policy.tile, float(policy.threshold)
+        object.__setattr__(self, "last_active", None)
+
+    def forward(self, x):
+        o = self.original
+
+        def dense():
+            z = o(x)
+            # the same state structure as a step's (CUDA graphs read it leaf by leaf)
+            n, _, h, w = x.shape
+            none_active = torch.zeros(n, 1, -(-h // self.tile), -(-w // self.tile), dtype=torch.bool, device=x.device)
+            return z, (x, z, none_active)
+
+        def step(state):
+            x_ref, z, _ = state
+            out, x_ref, active = ops.skip_conv(x, x_ref, z, o.weight, o.bias, tile=self.tile,
+                                               threshold=self.threshold, padding=o.padding, backend=self.backend)
+            object.__setattr__(self, "last_active", active)
+            return out, (x_ref, out, active)
+
+        object.__setattr__(self, "last_active", None)
+        return self.cached(signature(x), dense, update=step)
+
+
+def gated_conv_supported(conv: nn.Module) -> bool:
+    k = conv.kernel_size
+    return (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and k in ((3, 3), (1, 1)) and conv.padding == (k[0] // 2, k[1] // 2) and conv.padding_mode == "zeros")

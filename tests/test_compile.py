@@ -33,6 +33,7 @@ def breaks():
         ("sd", frkern.Clockwork(clock=2), 2),
         ("sd", frkern.DeepCache(interval=3), 2),
         ("sd", frkern.NoReuse(), 1),
+        ("sd", frkern.SkipConv(0.2, tile=4), 2),  # stateful units: the reuse graph moves the state on
     ],
 )
 def test_compiled_patched_unet_has_one_graph_per_step_kind_and_no_recompiles(kind, policy, kinds_of_step):
