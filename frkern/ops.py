@@ -104,6 +104,6 @@ def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
 
 def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding=1, backend: str = "auto"):
-    """One Skip-Convolution step (kernels/skip_conv.py): (output, new x_ref, active tile mask).
+    """One Skip-Convolution step (kernels/skip_conv.py): (output, new x_ref, active, affected).
     Every backend runs the PyTorch reference for now (the tile-predicated Triton conv is to come)."""
     return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding)

@@ -211,6 +211,7 @@ class GatedConv2d(_Wrapper):
         policy = runtime.policy
         self.tile, self.threshold = policy.tile, float(policy.threshold)
         object.__setattr__(self, "last_active", None)
+        object.__setattr__(self, "last_affected", None)
 
     def forward(self, x):
         o = self.original
@@ -224,12 +225,14 @@ class GatedConv2d(_Wrapper):
 
         def step(state):
             x_ref, z, _ = state
-            out, x_ref, active = ops.skip_conv(x, x_ref, z, o.weight, o.bias, tile=self.tile,
-                                               threshold=self.threshold, padding=o.padding, backend=self.backend)
+            out, x_ref, active, affected = ops.skip_conv(x, x_ref, z, o.weight, o.bias, tile=self.tile,
+                                                         threshold=self.threshold, padding=o.padding, backend=self.backend)
             object.__setattr__(self, "last_active", active)
+            object.__setattr__(self, "last_affected", affected)  # what a tile-predicated conv computes
             return out, (x_ref, out, active)
 
         object.__setattr__(self, "last_active", None)
+        object.__setattr__(self, "last_affected", None)
         return self.cached(signature(x), dense, update=step)
 
 

@@ -39,7 +39,8 @@ def _tiles_to_pixels(mask: torch.Tensor, tile: int, h: int, w: int) -> torch.Ten
 
 
 def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1):
-    """One step: returns (output, new x_ref, active tile mask (N, 1, ceil(H/B), ceil(W/B)))."""
+    """One step: returns (output, new x_ref, active input tiles, affected (recomputed) output
+    tiles); the masks are (N, 1, ceil(H/B), ceil(W/B)) bool."""
     check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
     n, _, h, w = x.shape
     k = weight.shape[-1]
@@ -53,4 +54,9 @@ def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, 
     touched = F.max_pool2d(active_px.to(x.dtype), k, stride=1, padding=k // 2) > 0 if k > 1 else active_px
     affected = F.max_pool2d(touched.to(x.dtype), tile, ceil_mode=True) > 0
     out = torch.where(_tiles_to_pixels(affected, tile, h, w), F.conv2d(x_ref, weight, bias, padding=k // 2), z)
-    return out, x_ref, active
+    return out, x_ref, active, affected
+
+
+def affected_pixel_fraction(affected: torch.Tensor, tile: int, h: int, w: int) -> torch.Tensor:
+    """Fraction of output pixels recomputed (border tiles count by their real size)."""
+    return _tiles_to_pixels(affected, tile, h, w).float().mean()

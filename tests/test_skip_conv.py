@@ -51,7 +51,7 @@ def test_skip_conv_reference_matches_the_fp64_definition_step_by_step(k, tile, s
         for step in range(3):
             # changes concentrated in some regions, as between denoising steps
             x = x + torch.randn(x.shape, generator=g) * (torch.rand(1, 1, *size, generator=g) > 0.6) * 0.8
-            out, x_ref, active = skip_conv_reference(x, x_ref, z, conv.weight, conv.bias, tile, threshold, k // 2)
+            out, x_ref, active, affected = skip_conv_reference(x, x_ref, z, conv.weight, conv.bias, tile, threshold, k // 2)
             want, x_ref64 = skip_conv_fp64_loops(x, x_ref64, z64, conv.weight, conv.bias, tile, threshold)
             z64 = want
             assert torch.isfinite(out).all()
@@ -61,7 +61,8 @@ def test_skip_conv_reference_matches_the_fp64_definition_step_by_step(k, tile, s
             if threshold == 0.0:  # every change recomputed: exactly the dense convolution
                 torch.testing.assert_close(out, conv(x), rtol=1e-6, atol=1e-6)
             if threshold == 1e9:
-                assert not active.any()
+                assert not active.any() and not affected.any()
+            assert (affected | ~active).all()  # an active tile's own output tile is recomputed
 
 
 def test_skip_conv_bad_arguments():
