@@ -39,10 +39,40 @@ def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
     out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
     out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
     out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
+    out += [("SkipConv", f"SkipConv t={t}", frkern.SkipConv(t, tile=4), ref_steps) for t in SKIPCONV_THRESHOLDS]
+    out += [("SkipConv + keyframes", f"SkipConv t={t} K=5", frkern.SkipConv(t, tile=4, interval=5), ref_steps)
+            for t in SKIPCONV_THRESHOLDS[1:]]
     for path in sorted(p for d in autofr_dirs for p in glob.glob(os.path.join(d, "autofr_*.policy.json"))):
         pol = frkern.load_policy(path)
         out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key)", pol, pol.num_steps))
     return out
+
+
+SKIPCONV_THRESHOLDS = (0.01, 0.02, 0.05, 0.1)
+
+
+def skipped_conv_gflop(handle, fn) -> float:
+    """GFLOPs of the gated convolutions' output tiles that SkipConv does not need to recompute.
+    frkern's torch reference still runs them densely, so FLOP counts subtract them: the figure is
+    the cost of a tile-predicated convolution that computes affected tiles only."""
+    from frkern.kernels.skip_conv import affected_pixel_fraction
+
+    skipped = [0.0]
+
+    def hook(unit, args, out):
+        if unit.last_affected is not None:
+            n, _, h, w = args[0].shape
+            conv = unit.original
+            dense = 2 * n * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * h * w
+            skipped[0] += dense * (1 - float(affected_pixel_fraction(unit.last_affected, unit.tile, h, w)))
+
+    hooks = [u.register_forward_hook(hook) for u in (handle._gated if handle is not None else [])]
+    try:
+        fn()
+    finally:
+        for h in hooks:
+            h.remove()
+    return skipped[0] / 1e9
 
 
 def patches(images: np.ndarray, k: int = 7, per_image: int = 64, rng=None) -> np.ndarray:
@@ -108,8 +138,9 @@ def main(argv=None):
             secs = time.perf_counter() - t0
             stats = dict(handle.stats) if handle else {"full": steps}
             # FLOPs are linear in the batch: count one image's run (same schedule) and scale.
-            gflop = count_gflop(lambda: sample(unet, tokens, labels[:1], steps=steps, guidance=args.guidance,
-                                               noise=noise[:1], handle=handle))
+            one = lambda: sample(unet, tokens, labels[:1], steps=steps, guidance=args.guidance,  # noqa: E731
+                                 noise=noise[:1], handle=handle)
+            gflop = count_gflop(one) - skipped_conv_gflop(handle, one)
         finally:
             if handle is not None:
                 frkern.unpatch(unet)
