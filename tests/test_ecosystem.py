@@ -3,7 +3,6 @@ replaced schedulers, scheduler signatures, inference-mode models, pickling (issu
 import copy
 import inspect
 import io
-import warnings
 
 import pytest
 import torch
@@ -363,7 +362,7 @@ def test_noreuse_equals_unpatched_with_generator_eta_and_custom_schedules(case):
     pipe = make_sd_pipeline(scheduler=sched)
     prompt = sd_prompt_kwargs()
     want = generate(pipe, prompt, steps=steps, seed=9, **kw)
-    handle = frkern.patch(pipe, frkern.NoReuse())
+    frkern.patch(pipe, frkern.NoReuse())
     assert torch.equal(generate(pipe, prompt, steps=steps, seed=9, **kw), want)
     frkern.unpatch(pipe)
     frkern.patch(pipe, frkern.FRDiff(2))  # and reuse runs through the same schedules

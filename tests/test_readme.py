@@ -2,7 +2,6 @@
 import os
 import re
 
-import torch
 from diffusers import StableDiffusionPipeline
 
 from tiny import make_sd_pipeline, sd_prompt_kwargs
