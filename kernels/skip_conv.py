@@ -8,14 +8,34 @@ One step with a new input x:
 - every output tile whose receptive field touches an active input pixel is recomputed from x_ref,
   the others keep z. So z == conv(x_ref) after every step: no drift.
 
-Only the plain-PyTorch reference exists so far (dense conv + torch.where: the exact statement of
-the values); the tile-predicated Triton convolution that computes affected tiles only is still to
-be written. Knows nothing of diffusers.
+skip_conv_reference is the plain-PyTorch statement of the values (dense conv + torch.where,
+out-of-place). skip_conv_triton computes the same step in place (x_ref and z are updated) with
+three launches whose grids depend on shapes only (CUDA-graph capturable, no host sync):
+1. gate sums: per (image, tile, channel chunk) fp32 sums of sum_c |x - x_ref| and of sum_c |x_ref|;
+2. gate decide: each (image, tile, channel chunk) program reduces its image's ref sums (same
+   order in every program, so they all agree), decides the tile, writes the active mask (chunk 0)
+   and copies x -> x_ref on its channels of an active tile;
+3. tile-predicated convolution: an implicit GEMM (tl.dot, fp32 accumulation) per (image, output
+   tile, pixel block, output-channel block); it reads the active bits of its tile's 3x3 tile
+   neighbourhood (the tile itself for 1x1), writes the affected bit (first channel block) and
+   returns at once when unaffected, so z keeps its values there untouched; otherwise it computes
+   conv(x_ref) + bias over its tile (halo from neighbouring tiles, zeros outside the map) into z.
+Masks equal the reference's except where a tile's change sits within fp32 rounding of the
+threshold (the sums run in a different order): tests keep their inputs off such knife edges.
+Knows nothing of diffusers.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
 
 
 def check_skip_conv_args(x, x_ref, z, weight, tile: int, threshold: float, padding) -> None:
@@ -60,3 +80,221 @@ def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, 
 def affected_pixel_fraction(affected: torch.Tensor, tile: int, h: int, w: int) -> torch.Tensor:
     """Fraction of output pixels recomputed (border tiles count by their real size)."""
     return _tiles_to_pixels(affected, tile, h, w).float().mean()
+
+
+def check_skip_conv_tensors(x, x_ref, z, weight, bias) -> None:
+    """What the Triton path needs beyond check_skip_conv_args: one device, one dtype, groups 1."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    if x.dtype not in dtypes:
+        raise ValueError(f"skip_conv: dtype {x.dtype} not supported; accepted: float32, float16, bfloat16")
+    named = (("x_ref", x_ref), ("z", z), ("weight", weight)) + ((("bias", bias),) if bias is not None else ())
+    for name, t in named:
+        if t.device != x.device:
+            raise ValueError(f"skip_conv: x, x_ref, z, weight and bias must be on one device; x is on {x.device}, "
+                             f"{name} on {t.device}")
+        if t.dtype != x.dtype:
+            raise ValueError(f"skip_conv: x, x_ref, z, weight and bias must have one dtype (float32, float16 or "
+                             f"bfloat16); x is {x.dtype}, {name} is {t.dtype}")
+    if weight.dim() != 4 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"skip_conv: weight must be (Cout, {x.shape[1]}, k, k) (groups 1), got {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"skip_conv: bias must be None or of shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_coords(pid, TH, TW):
+        t_img = TH * TW
+        n = pid // t_img
+        t = pid % t_img
+        return n, t // TW, t % TW
+
+    @triton.jit
+    def _skip_gate_sums_kernel(
+        x_ptr, r_ptr, part_ptr, C, H, W, TH, TW, CHUNK_C,
+        sxn, sxc, sxh, sxw, srn, src, srh, srw,
+        TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, IS_F32: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # image * tiles + tile
+        split = tl.program_id(1)  # channel chunk
+        n, th, tw = _tile_coords(pid, TH, TW)
+        n = n.to(tl.int64)
+        cl = tl.arange(0, BLOCK_C)
+        acc_d = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        acc_r = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
+        for p0 in range(0, TILE * TILE, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            h = th * TILE + p // TILE
+            w = tw * TILE + p % TILE
+            pm = (p < TILE * TILE) & (h < H) & (w < W)
+            for c0 in range(split * CHUNK_C, tl.minimum(C, (split + 1) * CHUNK_C), BLOCK_C):
+                c = c0 + cl
+                m = (c < C)[:, None] & pm[None, :]
+                xv = tl.load(x_ptr + n * sxn + c[:, None] * sxc + h[None, :] * sxh + w[None, :] * sxw, mask=m, other=0.0)
+                rv = tl.load(r_ptr + n * srn + c[:, None] * src + h[None, :] * srh + w[None, :] * srw, mask=m, other=0.0)
+                d = xv.to(tl.float32) - rv.to(tl.float32)
+                if not IS_F32:  # torch computes x - x_ref in the I/O dtype (fp32 math, rounded)
+                    d = d.to(rv.dtype, fp_downcast_rounding="rtne").to(tl.float32)
+                acc_d += tl.abs(d)
+                acc_r += tl.abs(rv.to(tl.float32))
+        base = part_ptr + (pid * tl.num_programs(1) + split) * 2
+        tl.store(base, tl.sum(tl.sum(acc_d, axis=0), axis=0))
+        tl.store(base + 1, tl.sum(tl.sum(acc_r, axis=0), axis=0))
+
+    @triton.jit
+    def _skip_gate_apply_kernel(
+        x_ptr, r_ptr, part_ptr, act_ptr, C, H, W, TH, TW, CHUNK_C, threshold,
+        sxn, sxc, sxh, sxw, srn, src, srh, srw,
+        TILE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        split = tl.program_id(1)
+        S = tl.num_programs(1)
+        n, th, tw = _tile_coords(pid, TH, TW)
+        # The image's scale: every program of the image reduces the same values in the same order.
+        n_part = TH * TW * S
+        img = part_ptr + n * n_part * 2
+        tot = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for r0 in range(0, n_part, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            tot += tl.load(img + r * 2 + 1, mask=r < n_part, other=0.0)
+        scale = tl.sum(tot, axis=0) / (H * W)
+        s = tl.arange(0, BLOCK_R)
+        change = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        for s0 in range(0, S, BLOCK_R):
+            change += tl.load(part_ptr + (pid * S + s0 + s) * 2, mask=s0 + s < S, other=0.0)
+        rows = tl.minimum(TILE, H - th * TILE)
+        cols = tl.minimum(TILE, W - tw * TILE)
+        npix = (rows * cols).to(tl.float32)
+        active = tl.sum(change, axis=0) / npix > threshold * scale
+        if split == 0:
+            tl.store(act_ptr + pid, active)
+        if active:  # x_ref takes x on this tile (this program's channel chunk)
+            n = n.to(tl.int64)
+            cl = tl.arange(0, BLOCK_C)
+            for p0 in range(0, TILE * TILE, BLOCK_P):
+                p = p0 + tl.arange(0, BLOCK_P)
+                h = th * TILE + p // TILE
+                w = tw * TILE + p % TILE
+                pm = (p < TILE * TILE) & (h < H) & (w < W)
+                for c0 in range(split * CHUNK_C, tl.minimum(C, (split + 1) * CHUNK_C), BLOCK_C):
+                    c = c0 + cl
+                    m = (c < C)[:, None] & pm[None, :]
+                    xv = tl.load(x_ptr + n * sxn + c[:, None] * sxc + h[None, :] * sxh + w[None, :] * sxw, mask=m)
+                    tl.store(r_ptr + n * srn + c[:, None] * src + h[None, :] * srh + w[None, :] * srw, xv, mask=m)
+
+    @triton.jit
+    def _skip_conv_kernel(
+        r_ptr, w_ptr, b_ptr, z_ptr, act_ptr, aff_ptr,
+        C, H, W, CO, TH, TW, MCHUNKS,
+        srn, src, srh, srw, swo, swi, swh, sww, szn, szc, szh, szw,
+        TILE: tl.constexpr, KS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # (image * tiles + tile) * pixel chunks + pixel chunk
+        pid_n = tl.program_id(1)  # output-channel block
+        tile_id = pid // MCHUNKS
+        mchunk = pid % MCHUNKS
+        n, th, tw = _tile_coords(tile_id, TH, TW)
+        t_img = TH * TW
+        # affected: any active tile within reach of this tile's receptive field
+        if KS == 1:
+            aff = tl.load(act_ptr + tile_id).to(tl.int32)
+        else:
+            i = tl.arange(0, 16)
+            nr = th + i // 4 - 1
+            nc = tw + i % 4 - 1
+            ok = (i // 4 < 3) & (i % 4 < 3) & (nr >= 0) & (nr < TH) & (nc >= 0) & (nc < TW)
+            aff = tl.max(tl.load(act_ptr + n * t_img + nr * TW + nc, mask=ok, other=0).to(tl.int32), axis=0)
+        if (pid_n == 0) & (mchunk == 0):
+            tl.store(aff_ptr + tile_id, aff != 0)
+        if aff == 0:
+            return  # z keeps its values: nothing is read or written here
+        n = n.to(tl.int64)
+        p = mchunk * BLOCK_M + tl.arange(0, BLOCK_M)
+        oh = th * TILE + p // TILE
+        ow = tw * TILE + p % TILE
+        pm = (p < TILE * TILE) & (oh < H) & (ow < W)
+        co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        com = co < CO
+        kk = tl.arange(0, BLOCK_K)
+        r_img = r_ptr + n * srn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # implicit GEMM: for each tap, (pixels x Cin) of shifted x_ref times (Cin x Cout) of weight
+        for tap in tl.static_range(KS * KS):
+            ih = oh + (tap // KS - KS // 2)
+            iw = ow + (tap % KS - KS // 2)
+            am = (pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            a_ptrs = r_img + ih[:, None] * srh + iw[:, None] * srw + kk[None, :] * src
+            b_ptrs = w_ptr + co[None, :] * swo + (tap // KS) * swh + (tap % KS) * sww + kk[:, None] * swi
+            for k0 in range(0, C, BLOCK_K):
+                cim = k0 + kk < C
+                a = tl.load(a_ptrs + k0 * src, mask=am & cim[None, :], other=0.0)
+                b = tl.load(b_ptrs + k0 * swi, mask=cim[:, None] & com[None, :], other=0.0)
+                if UPCAST:  # bf16 in Triton's interpreter (no bf16 matmul there): exact products in fp32
+                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+                elif IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + co, mask=com, other=0.0).to(tl.float32)[None, :]
+        tl.store(z_ptr + n * szn + co[None, :] * szc + oh[:, None] * szh + ow[:, None] * szw,
+                 acc.to(z_ptr.dtype.element_ty), mask=pm[:, None] & com[None, :])
+
+
+def _conv_blocks(tile: int, cin: int, cout: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K). SD1.5 at tile 8: 64 pixels x 64 output channels x 32 input
+    channels per step of the K loop (9 taps unrolled inside it)."""
+    block_m = max(16, min(128, triton.next_power_of_2(tile * tile)))
+    block_n = max(16, min(64, triton.next_power_of_2(cout)))
+    block_k = max(16, min(32, triton.next_power_of_2(cin)))
+    return block_m, block_n, block_k
+
+
+def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1, launch=None):
+    """One step in place: x_ref and z are updated; returns (z, x_ref, active, affected), values as
+    skip_conv_reference's (the masks are new (N, 1, ceil(H/B), ceil(W/B)) bool tensors). Three
+    launches with shape-only grids, no host read of device values (CUDA-graph capturable).
+    `launch` wraps each kernel, e.g. torch.library.wrap_triton."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use the PyTorch reference")
+    check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
+    check_skip_conv_tensors(x, x_ref, z, weight, bias)
+    n, c, h, w = x.shape
+    co, ks = weight.shape[0], weight.shape[-1]
+    th, tw = triton.cdiv(h, tile), triton.cdiv(w, tile)
+    tiles = n * th * tw
+    active = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
+    affected = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
+    launch = launch or (lambda k: k)
+
+    # gate: [BLOCK_C, BLOCK_P] blocks of about 2048 elements; channel chunks of 128 so that maps
+    # with few tiles (16x16 at tile 8) still spread over many programs
+    block_p = min(1024, triton.next_power_of_2(tile * tile))
+    block_c = max(1, min(triton.next_power_of_2(c), 2048 // block_p))
+    chunk_c = max(block_c, 128)
+    splits = triton.cdiv(c, chunk_c)
+    part = torch.empty((tiles, splits, 2), dtype=torch.float32, device=x.device)
+    sx, sr = x.stride(), x_ref.stride()
+    launch(_skip_gate_sums_kernel)[(tiles, splits)](
+        x, x_ref, part, c, h, w, th, tw, chunk_c, *sx, *sr,
+        TILE=tile, BLOCK_C=block_c, BLOCK_P=block_p, IS_F32=x.dtype == torch.float32,
+    )
+    block_r = max(16, min(1024, triton.next_power_of_2(th * tw * splits)))
+    launch(_skip_gate_apply_kernel)[(tiles, splits)](
+        x, x_ref, part, active, c, h, w, th, tw, chunk_c, float(threshold), *sx, *sr,
+        TILE=tile, BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_R=block_r,
+    )
+
+    block_m, block_n, block_k = _conv_blocks(tile, c, co)
+    mchunks = triton.cdiv(tile * tile, block_m)
+    launch(_skip_conv_kernel)[(tiles * mchunks, triton.cdiv(co, block_n))](
+        x_ref, weight, bias if bias is not None else weight, z, active, affected,
+        c, h, w, co, th, tw, mchunks, *sr, *weight.stride(), *z.stride(),
+        TILE=tile, KS=ks, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+    )
+    return z, x_ref, active, affected
