@@ -19,6 +19,7 @@ if _ilu.find_spec(__name__ + ".kernels") is None:  # pragma: no cover - depends 
     _spec.loader.exec_module(_mod)
 
 from .policies import (  # noqa: E402
+    Adaptive,
     Clockwork,
     DeepCache,
     FRDiff,
@@ -36,7 +37,7 @@ from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
 
 __all__ = [
     "patch", "unpatch", "Handle", "handle_of",
-    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv",
+    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]
 __version__ = "0.1.0"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from functools import partial
 import weakref
 from typing import Any
 
@@ -18,8 +19,9 @@ from . import ops
 from .cache import signature
 from .family import Call, ModelFamily
 from .graphs import GraphRunner
-from .policies import NoReuse, Policy
-from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, REUSE_MODE, CallSignature, Runtime
+from .adaptive import AdaptiveGate, ProbedModule, run_probe
+from .policies import Adaptive, NoReuse, Policy
+from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
 from .unet2d import UNet2DFamily, uncompiled
 from .units import CachedSegment, GatedConv2d, ReusedTransformer2D, gated_conv_supported
@@ -254,6 +256,19 @@ class Handle:
         return self.graphs.run(call_sig, call, self.family)
 
     @torch.compiler.disable
+    def _probe(self, plan, call_sig, call):
+        """An adaptive call: measure the indicator, read it (the host waits here, once per
+        call), decide; returns the call's final plan."""
+        rt = self.runtime
+        if self.graphs is not None:
+            v = self.graphs.run(call_sig, call, self.family, runner=partial(run_probe, rt, self.family))
+        else:
+            v = run_probe(rt, self.family, self._network, call)
+        value = float(v)
+        rt.measures["indicator"][rt.step] = value
+        return rt.resolve(plan, self.policy.reuses(value))
+
+    @torch.compiler.disable
     def _abort(self):
         self.runtime.abort_call()
 
@@ -262,6 +277,8 @@ class Handle:
         call, return_dict = self.family.bind_call(args, kwargs)
         plan, call_sig = self._start(call)
         try:
+            if self.runtime.mode == PROBE_MODE:
+                plan = self._probe(plan, call_sig, call)
             if plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)
             elif plan.runs_network:
@@ -293,7 +310,7 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     if not isinstance(policy, Policy):
         raise TypeError(
             f"frkern.patch: policy must be a frkern policy (NoReuse, FRDiff, Keyframes, Clockwork, "
-            f"DeepCache), got {type(policy).__name__}"
+            f"DeepCache, SkipConv, Adaptive), got {type(policy).__name__}"
         )
     ops.check_backend(backend)
     if not isinstance(cuda_graphs, bool):
@@ -319,10 +336,11 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
             "caching helper such as DeepCache enabled?); disable it first"
         )
     family.check_supported(model)
-    segment_paths = family.segment_paths(model, policy) if policy.reuse == "segment" else []
+    segment_paths = family.segment_paths(model, policy) if policy.cached_parts == "segment" else []
     for p in segment_paths:
         model.get_submodule(p)  # every path must exist before anything changes
-    gated_paths = family.gated_conv_paths(model) if policy.reuse == "gated_conv" else []
+    gated_paths = family.gated_conv_paths(model) if policy.cached_parts == "gated_conv" else []
+    probed_paths, gate_path = family.adaptive_gate(model, policy) if isinstance(policy, Adaptive) else ([], None)
     bad = [f"{p} ({model.get_submodule(p)})" for p in gated_paths if not gated_conv_supported(model.get_submodule(p))]
     if bad:
         raise ValueError(f"frkern.patch: {policy.name} gates stride-1 3x3 (padding 1) or 1x1 nn.Conv2d only; "
@@ -333,7 +351,9 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     units = [(n, m) for n, m in model.named_modules() if type(m) in family.unit_wrappers]
     for name, module in units:
         wrapper_cls, cache_kind = family.unit_wrappers[type(module)]
-        cache_unit = cache_kind is not None and policy.reuse == cache_kind
+        cache_unit = cache_kind is not None and policy.cached_parts == cache_kind
+        if any(name == p or name.startswith(p + ".") for p in probed_paths):
+            cache_unit = False  # computed on every call: the adaptive indicator comes from them
         if not cache_unit and not wrapper_cls.swap_when_not_cached:
             continue
         handle._swaps.append(_swap(model, name, wrapper_cls(module, rt, name, cache_unit, backend)))
@@ -342,6 +362,10 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     for path in gated_paths:
         handle._gated.append(GatedConv2d(model.get_submodule(path), rt, path, True, backend))
         handle._swaps.append(_swap(model, path, handle._gated[-1]))
+    for path in probed_paths:
+        handle._swaps.append(_swap(model, path, ProbedModule(model.get_submodule(path), rt, path, False, backend)))
+    if gate_path is not None:
+        handle._swaps.append(_swap(model, gate_path, AdaptiveGate(model.get_submodule(gate_path), rt, gate_path, True, backend)))
 
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.

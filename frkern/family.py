@@ -44,6 +44,10 @@ class ModelFamily:
         """Module paths a segment policy caches whole."""
         raise NotImplementedError
 
+    def adaptive_gate(self, model: nn.Module, policy: Policy) -> tuple[list[str], str]:
+        """(modules computed before the adaptive indicator, the module whose input it is)."""
+        raise NotImplementedError
+
     def gated_conv_paths(self, model: nn.Module) -> list[str]:
         """Module paths of the convolutions a residual-skipping policy (SkipConv) gates."""
         raise NotImplementedError

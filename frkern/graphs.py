@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .runtime import FULL_MODE, REUSE_MODE, Runtime
+from .runtime import FULL_MODE, PROBE_MODE, REUSE_MODE, Runtime
 
 
 def cuda_capture(fn: Callable[[], Any], warmup: int = 2):
@@ -101,13 +101,14 @@ class GraphRunner:
     def clear(self) -> None:
         self.graphs.clear()
 
-    def run(self, call_sig, call, family):
+    def run(self, call_sig, call, family, runner=None):
         """The network's output for `call` (a frkern.family.Call), by replaying (capturing first
-        if needed) its graph."""
+        if needed) its graph. runner(network, call) runs it (default family.run; an adaptive
+        probe passes frkern.adaptive.run_probe, whose output is the indicator)."""
         rt = self.runtime
         sample, timestep = call.sample, call.timestep
-        if rt.mode not in (FULL_MODE, REUSE_MODE):
-            raise RuntimeError(f"frkern: CUDA graphs run full and reuse calls only, not mode {rt.mode!r}")
+        if rt.mode not in (FULL_MODE, REUSE_MODE, PROBE_MODE):
+            raise RuntimeError(f"frkern: CUDA graphs run full, reuse and probe calls only, not mode {rt.mode!r}")
         if torch.is_grad_enabled():
             raise RuntimeError(
                 "frkern: cuda_graphs=True replays inference graphs only; run sampling under "
@@ -133,7 +134,7 @@ class GraphRunner:
         if graph is None:
             if sample.device.type != "cuda" and self.capture is cuda_capture:
                 raise RuntimeError(f"frkern: cuda_graphs=True needs the UNet and its inputs on CUDA, got {sample.device}")
-            graph = self._capture(leaves, spec, sample.device, type(call), family)
+            graph = self._capture(leaves, spec, sample.device, type(call), runner or family.run)
             self.graphs[key] = graph
             while len(self.graphs) > self.max_graphs:
                 self.graphs.popitem(last=False)
@@ -162,7 +163,7 @@ class GraphRunner:
                         self.stats["read_copies"] += 1
             rt.reads[unit] = (captured, sig)
 
-    def _capture(self, leaves, spec, device, call_type, family) -> _Graph:
+    def _capture(self, leaves, spec, device, call_type, runner) -> _Graph:
         rt = self.runtime
         static_leaves = [
             x.detach().to(device, copy=True) if isinstance(x, torch.Tensor) else None for x in leaves
@@ -174,10 +175,16 @@ class GraphRunner:
             rt.writes.clear()
             rt.reads.clear()
             rt.reads.update(reads)
-            out = family.run(self.network, static_call)
+            out = runner(self.network, static_call)
             return out, dict(rt.writes)
 
+        # Warm-up and capture run `fn`, but only the replay that follows is the real call: a
+        # stateful unit that moves its state on in place (Skip-Convolution) gets it back as it was.
+        stateful = [v for u, (v, _) in reads.items() if u in rt.stateful_units]
+        saved = [(t, t.clone()) for t in tree_flatten(stateful)[0] if isinstance(t, torch.Tensor)]
         replay, (out, writes) = self.capture(fn)
+        for t, copy in saved:
+            t.copy_(copy)
         self.stats["captures"] += 1
         # The capture recorded work without running it (CUDA); run() replays it next.
         return _Graph(replay, static_leaves, out, writes, reads)

@@ -1,7 +1,7 @@
 """Reuse policies: small frozen objects that decide, for step i of N, what a UNet call does.
 
 Policies know nothing of tensors or modules. The dispatcher asks `policy.plan(i, n)` for a
-`StepPlan` and reads `policy.reuse` to learn which parts of the UNet are cached.
+`StepPlan` and reads `policy.cached_parts` to learn which parts of the UNet are cached.
 """
 from __future__ import annotations
 
@@ -24,10 +24,13 @@ class StepPlan:
 
     keyframe: bool
     mix: float = 1.0
+    # Adaptive policies: whether this call may reuse is decided from the features at run time
+    # (frkern.adaptive); keyframe is False until then.
+    decide: bool = False
 
     @property
     def runs_network(self) -> bool:
-        return self.keyframe or self.mix > 0.0
+        return self.keyframe or self.decide or self.mix > 0.0
 
 
 FULL = StepPlan(keyframe=True)
@@ -55,7 +58,7 @@ class Policy:
     name: ClassVar[str] = ""
     # What is cached: "none", "units" (ResNet conv1 outputs and transformer residual branches),
     # or "segment" (outputs of inner UNet blocks, see frkern.segments).
-    reuse: ClassVar[str] = "none"
+    cached_parts: ClassVar[str] = "none"
     # Whether the last keyframe's UNet output must be kept for score mixing.
     keeps_keyframe_output: ClassVar[bool] = False
 
@@ -65,7 +68,7 @@ class Policy:
     @property
     def caches(self) -> bool:
         """Whether anything is kept between calls (if not, no step protocol is needed)."""
-        return self.reuse != "none" or self.keeps_keyframe_output
+        return self.cached_parts != "none" or self.keeps_keyframe_output
 
     def schedule(self, num_steps: int) -> list[StepPlan]:
         return [self.plan(i, num_steps) for i in range(num_steps)]
@@ -116,7 +119,7 @@ class FRDiff(Policy):
     bias: float = 0.5
 
     name: ClassVar[str] = "FRDiff"
-    reuse: ClassVar[str] = "units"
+    cached_parts: ClassVar[str] = "units"
 
     def __post_init__(self):
         _check_int("interval", self.interval, 1, "FRDiff")
@@ -149,7 +152,7 @@ class Keyframes(Policy):
     bias: float = 0.5
 
     name: ClassVar[str] = "Keyframes"
-    reuse: ClassVar[str] = "units"
+    cached_parts: ClassVar[str] = "units"
 
     def __post_init__(self):
         if isinstance(self.keyframes, (str, bytes)) or not hasattr(self.keyframes, "__iter__"):
@@ -197,7 +200,7 @@ class Clockwork(Policy):
     levels: int = 1
 
     name: ClassVar[str] = "Clockwork"
-    reuse: ClassVar[str] = "segment"
+    cached_parts: ClassVar[str] = "segment"
 
     def __post_init__(self):
         _check_int("clock", self.clock, 1, "Clockwork")
@@ -218,7 +221,7 @@ class DeepCache(Policy):
     branch: int = 0
 
     name: ClassVar[str] = "DeepCache"
-    reuse: ClassVar[str] = "segment"
+    cached_parts: ClassVar[str] = "segment"
 
     def __post_init__(self):
         _check_int("interval", self.interval, 1, "DeepCache")
@@ -244,7 +247,7 @@ class SkipConv(Policy):
     interval: Optional[int] = None
 
     name: ClassVar[str] = "SkipConv"
-    reuse: ClassVar[str] = "gated_conv"
+    cached_parts: ClassVar[str] = "gated_conv"
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
@@ -261,11 +264,92 @@ class SkipConv(Policy):
         return StepPlan(keyframe=False)
 
 
+ADAPTIVE_RULES = ("first_block", "accumulated")
+ADAPTIVE_REUSE = {"deepcache": "segment", "clockwork": "segment", "units": "units"}
+
+
+@dataclass(frozen=True)
+class Adaptive(Policy):
+    """Reuse decided per call from how much the features changed (First-Block-Cache / TeaCache
+    for UNets). The indicator is the input of the first cached part (frkern.adaptive): computed on
+    every call, it is compared with its state on the last full call, and the rest of the network
+    runs in full or reuses according to `reuse`:
+    - "deepcache": DeepCache's cut at `branch`; "clockwork": Clockwork's cut at `levels`;
+    - "units": FRDiff's units (every ResNet conv1 output and transformer residual branch), except
+      those of down_blocks[0], which compute on every call and give the indicator.
+    Rules (value v, largest over the batch; the call reuses iff v < threshold):
+    - "first_block": v = mean|g - g_key| / mean|g_key|, g_key = the indicator on the last full call;
+    - "accumulated": v = acc + max(poly(d), 0), d = the same relative change against the previous
+      call, acc = v of the previous call, reset to 0 on full calls. `poly` (numpy.polyval order,
+      identity by default) maps the indicator's change to the output's, calibrated with
+      frkern.adaptive.calibrate.
+    The first `warmup` steps are full; at most `max_reuse` calls in a row reuse. threshold 0 =
+    full compute. With score_mix, reuse outputs are blended with the keyframe's as FRDiff does.
+    """
+
+    threshold: float = 0.1
+    rule: str = "first_block"
+    reuse: str = "deepcache"
+    branch: int = 0
+    levels: int = 1
+    warmup: int = 1
+    max_reuse: int = 3
+    poly: tuple[float, ...] = (1.0, 0.0)
+    calibrated_for: str = ""  # what the poly was fitted on (model, sampler, steps), for the record
+    score_mix: bool = False
+    bias: float = 0.5
+
+    name: ClassVar[str] = "Adaptive"
+
+    def __post_init__(self):
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+                math.isfinite(self.threshold) and self.threshold >= 0):
+            raise ValueError(f"Adaptive: threshold must be a finite number >= 0, got {self.threshold!r}")
+        if self.rule not in ADAPTIVE_RULES:
+            raise ValueError(f"Adaptive: rule must be one of {ADAPTIVE_RULES}, got {self.rule!r}")
+        if self.reuse not in ADAPTIVE_REUSE:
+            raise ValueError(f"Adaptive: reuse must be one of {tuple(ADAPTIVE_REUSE)}, got {self.reuse!r}")
+        _check_int("branch", self.branch, 0, "Adaptive")
+        _check_int("levels", self.levels, 1, "Adaptive")
+        _check_int("warmup", self.warmup, 1, "Adaptive")
+        _check_int("max_reuse", self.max_reuse, 1, "Adaptive")
+        if isinstance(self.poly, (str, bytes)) or not hasattr(self.poly, "__iter__"):
+            raise ValueError(f"Adaptive: poly must be a sequence of coefficients (highest degree first), got {self.poly!r}")
+        poly = tuple(self.poly)
+        if not poly or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in poly):
+            raise ValueError(f"Adaptive: poly must be a non-empty sequence of finite numbers, got {self.poly!r}")
+        object.__setattr__(self, "poly", tuple(float(c) for c in poly))
+        if not isinstance(self.calibrated_for, str):
+            raise ValueError(f"Adaptive: calibrated_for must be a string, got {self.calibrated_for!r}")
+        _check_bool("score_mix", self.score_mix, "Adaptive")
+        _check_bias(self.bias, "Adaptive")
+
+    @property
+    def cached_parts(self) -> str:  # type: ignore[override]
+        return ADAPTIVE_REUSE[self.reuse]
+
+    @property
+    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
+        return self.score_mix
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if step < self.warmup or self.threshold == 0:  # v < 0 never holds: no need to measure it
+            return FULL
+        mix = score_mix_lambda(step, num_steps, self.bias) if self.score_mix else 1.0
+        # mix 0 would skip the network, but the decision needs the indicator: blend with 0 weight
+        return StepPlan(keyframe=False, mix=mix, decide=True)
+
+    def reuses(self, value: float) -> bool:
+        """The decision for an indicator value read from the device."""
+        return value < self.threshold
+
+
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv)
+    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive)
 }
 
-AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv]
+AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive]
 
 
 def policy_from_dict(data: dict) -> Policy:
@@ -284,6 +368,10 @@ def policy_from_dict(data: dict) -> Policy:
         if not isinstance(args["keyframes"], list):
             raise ValueError(f"{kind}: keyframes must be a JSON list of ints, got {args['keyframes']!r}")
         args["keyframes"] = tuple(args["keyframes"])
+    if "poly" in args:
+        if not isinstance(args["poly"], list):
+            raise ValueError(f"{kind}: poly must be a JSON list of numbers, got {args['poly']!r}")
+        args["poly"] = tuple(args["poly"])
     return cls(**args)
 
 

@@ -23,8 +23,9 @@ from .watch import WeightsWatch
 
 # Built-in modes. OFF: between calls (units compute, nothing is cached). COMPUTE: a call that must
 # not touch the cache (outside any tracked generation). FULL: compute and record every unit's
-# state. REUSE: read each unit's state from the last keyframe.
-OFF, COMPUTE_MODE, FULL_MODE, REUSE_MODE = "off", "compute", "full", "reuse"
+# state. REUSE: read each unit's state from the last keyframe. PROBE (adaptive policies): run the
+# network up to the indicator only (frkern.adaptive), recording what it computed on the way.
+OFF, COMPUTE_MODE, FULL_MODE, REUSE_MODE, PROBE_MODE = "off", "compute", "full", "reuse", "probe"
 EPS_UNIT = "unet.out"
 
 _PICKLE_MESSAGE = (
@@ -73,6 +74,7 @@ class Runtime:
         self.scheduler_driven = False  # set by the tracker: calls outside a generation run in full
         self._calls_in_generation = 0
         self._key_sigs: dict[int, CallSignature] = {}
+        self._reuse_run: dict[int, int] = {}  # slot -> reuse calls since its last keyframe
         # What the network may touch during one call: `reads` (unit -> (value, input signature)),
         # filled on the host from the validated cache before a reuse call, and `writes`, filled by
         # the units on a full call and committed to the cache after it. Both dicts keep their
@@ -81,6 +83,7 @@ class Runtime:
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
         self.stats: collections.Counter = collections.Counter()
+        self.stateful_units: set[str] = set()  # units whose state moves on in reuse calls
         # Per-step device scalars about what units did (SkipConv: fraction of active tiles), read
         # on the host only when someone asks (Handle.stats).
         self.measures: dict[str, dict[int, torch.Tensor]] = collections.defaultdict(dict)
@@ -110,6 +113,7 @@ class Runtime:
         self.cache.new_generation()
         self.watch.refresh()
         self._key_sigs.clear()
+        self._reuse_run.clear()
         self.num_steps = num_steps
         self.open = True
         self._calls_in_generation = 0
@@ -142,6 +146,7 @@ class Runtime:
         self.open = False
         self.cache.clear()  # nothing of it can be read again: free it
         self._key_sigs.clear()
+        self._reuse_run.clear()
 
     # --- one call ------------------------------------------------------------------------------
     def weights_token(self) -> tuple:
@@ -174,13 +179,39 @@ class Runtime:
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
             plan = FULL
-        self.mode = FULL_MODE if plan.keyframe else REUSE_MODE
-        self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
+        if plan.decide and self._reuse_run.get(self.slot, 0) >= self.policy.max_reuse:
+            self.stats["forced"] += 1  # the longest run of reuse calls is reached
+            plan = FULL
         self.reads.clear()
         self.writes.clear()
+        if plan.decide:
+            self.mode = PROBE_MODE  # the dispatcher probes, then calls resolve()
+            self.probe_reads()
+        else:
+            self._enter(plan)
+        return plan
+
+    def _enter(self, plan: StepPlan) -> None:
+        self.mode = FULL_MODE if plan.keyframe else REUSE_MODE
+        self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
         if not plan.keyframe:
             self.reads.update(self.cache.slot_view(self.slot))
             self.reads.pop(EPS_UNIT, None)
+
+    def probe_reads(self) -> None:
+        """Before a probe: what the indicator is compared with (the slot's cached states)."""
+        self.reads.update(self.cache.slot_view(self.slot))
+        self.reads.pop(EPS_UNIT, None)
+
+    def resolve(self, plan: StepPlan, reuse: bool) -> StepPlan:
+        """After a probe: the call's final plan. What the probe computed (its `writes`) becomes
+        readable, so the rest of the call starts where the probe stopped."""
+        probed = dict(self.writes)
+        self.reads.clear()
+        self.writes.clear()
+        plan = plan if reuse else FULL
+        self._enter(plan)
+        self.reads.update(probed)
         return plan
 
     def _can_reuse(self, call_sig: CallSignature, plan: StepPlan) -> bool:
@@ -197,9 +228,11 @@ class Runtime:
             for unit, (value, sig) in self.writes.items():
                 self.cache.put((self.slot, unit), value, sig)
             self._key_sigs[self.slot] = call_sig
+            self._reuse_run[self.slot] = 0
         elif self.mode == REUSE_MODE:
             for unit, (value, sig) in self.writes.items():  # stateful units moved on
                 self.cache.put((self.slot, unit), value, sig)
+            self._reuse_run[self.slot] = self._reuse_run.get(self.slot, 0) + 1
         self.reads.clear()
         self.writes.clear()
         self.mode = OFF
@@ -208,6 +241,7 @@ class Runtime:
     def abort_call(self) -> None:
         """A call raised: forget the slot's keyframe so nothing half-written is ever reused."""
         self._key_sigs.pop(self.slot, None)
+        self._reuse_run.pop(self.slot, None)
         self.reads.clear()
         self.writes.clear()
         self.mode = OFF
@@ -235,6 +269,8 @@ class Runtime:
         unit may cache more than one tensor).
         """
         mode = self.mode
+        if update is not None and name not in self.stateful_units:
+            self.stateful_units.add(name)
         if mode == REUSE_MODE:
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:

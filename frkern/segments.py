@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .policies import Clockwork, DeepCache, Policy
+from .policies import Adaptive, Clockwork, DeepCache, Policy
 
 
 def clockwork_cut(unet: nn.Module, levels: int) -> list[str]:
@@ -77,8 +77,39 @@ def deepcache_cut(unet: nn.Module, branch: int) -> list[str]:
 
 
 def segment_cut(unet: nn.Module, policy: Policy) -> list[str]:
-    if isinstance(policy, Clockwork):
+    if isinstance(policy, Clockwork) or (isinstance(policy, Adaptive) and policy.reuse == "clockwork"):
         return clockwork_cut(unet, policy.levels)
-    if isinstance(policy, DeepCache):
+    if isinstance(policy, DeepCache) or (isinstance(policy, Adaptive) and policy.reuse == "deepcache"):
         return deepcache_cut(unet, policy.branch)
     raise TypeError(f"{type(policy).__name__} is not a segment policy")
+
+
+def down_path(unet: nn.Module) -> list[str]:
+    """The modules of the UNet's way down, in the order its forward runs them."""
+    paths = ["conv_in"]
+    for bi, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None) or []
+        for li in range(len(block.resnets)):
+            paths.append(f"down_blocks.{bi}.resnets.{li}")
+            if li < len(attentions):
+                paths.append(f"down_blocks.{bi}.attentions.{li}")
+        paths += [f"down_blocks.{bi}.downsamplers.{j}" for j in range(len(getattr(block, "downsamplers", None) or []))]
+    if unet.mid_block is not None:
+        paths.append("mid_block")
+    return paths
+
+
+def adaptive_gate(unet: nn.Module, policy: Adaptive) -> tuple[list[str], str]:
+    """(the modules computed before the indicator, the gate whose input is the indicator).
+
+    Segment reuse: the gate is the first cached module of the cut. Unit reuse: down_blocks[0]'s
+    resnets and attentions compute on every call (First-Block-Cache's first block); the gate is
+    the module after them."""
+    order = down_path(unet)
+    if policy.cached_parts == "segment":
+        cut = segment_cut(unet, policy)
+        first = next(i for i, p in enumerate(order) if any(p == c or p.startswith(c + ".") for c in cut))
+    else:
+        first = next(i for i, p in enumerate(order) if p != "conv_in" and not (
+            p.startswith("down_blocks.0.resnets.") or p.startswith("down_blocks.0.attentions.")))
+    return order[:first], order[first]

@@ -17,7 +17,7 @@ from diffusers.models.unets.unet_2d_blocks import (
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from .family import Call, ModelFamily
-from .segments import segment_cut
+from .segments import adaptive_gate, segment_cut
 from .units import FusedGEGLU, ReusedResnetBlock2D, ReusedTransformer2D
 
 SUPPORTED_BLOCKS = (
@@ -68,6 +68,9 @@ class UNet2DFamily(ModelFamily):
 
     def segment_paths(self, unet, policy):
         return segment_cut(unet, policy)
+
+    def adaptive_gate(self, unet, policy):
+        return adaptive_gate(unet, policy)
 
     def gated_conv_paths(self, unet):
         # Every ResNet's conv1 and conv2: most of a UNet's convolution FLOPs, inputs that change

@@ -1,0 +1,120 @@
+"""Adaptive reuse: the change indicator, the probe that measures it, and its calibration
+(the policy, which decides from a number, is frkern.policies.Adaptive).
+
+One call that may reuse goes in three parts:
+1. probe: the network runs in PROBE mode up to the gate, the first module whose output a reuse
+   call would not compute. The modules before it (ProbedModule) record their outputs; the gate
+   computes the indicator value v (a 0-dim fp32 tensor, the largest over the batch) and stops the
+   network (GateReached; diffusers' LoRA scaling is undone by its own `finally`).
+2. the host reads v: the one place an adaptive call waits for the device.
+3. resume: the network runs again in FULL or REUSE mode; the probed modules return what they
+   recorded (nothing before the gate is computed twice), the gate moves its state on, the rest
+   computes or reuses.
+With CUDA graphs the probe and each resume kind are separate graphs (frkern.graphs); under
+torch.compile the gate's stop is a graph break.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .cache import signature
+from .runtime import FULL_MODE, PROBE_MODE, REUSE_MODE
+from .units import _primary_input, _Wrapper
+
+INDICATOR_UNIT = "adaptive.gate"
+PROBED = "probe:"  # prefix of what a probe recorded, in runtime.writes and then runtime.reads
+
+
+class GateReached(Exception):
+    """Raised by the gate in PROBE mode: the rest of the network is not run."""
+
+
+@torch.compiler.disable
+def _stop():
+    raise GateReached
+
+
+def relative_change(g: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """max over the batch of mean|g - ref| / mean|ref| (per image, fp32): no image is carried
+    by another's small change."""
+    dims = tuple(range(1, g.dim()))
+    g, ref = g.float(), ref.float()
+    return ((g - ref).abs().mean(dims) / ref.abs().mean(dims)).amax()
+
+
+def polyval(coeffs, x: torch.Tensor) -> torch.Tensor:
+    """numpy.polyval on a tensor (Horner; highest degree first)."""
+    out = torch.zeros_like(x)
+    for c in coeffs:
+        out = out * x + c
+    return out
+
+
+def indicator_value(rule: str, poly, g: torch.Tensor, state) -> torch.Tensor:
+    """The value the policy compares with its threshold, from the gate's input g and its state."""
+    if rule == "first_block":
+        return relative_change(g, state)
+    g_prev, acc = state
+    return acc + polyval(poly, relative_change(g, g_prev)).clamp_min(0.0)
+
+
+class ProbedModule(_Wrapper):
+    """A module before the gate: records its output on a probe, returns it on the resumed call."""
+
+    def forward(self, *args, **kwargs):
+        rt = self.runtime
+        if rt.mode == PROBE_MODE:
+            out = self.original(*args, **kwargs)
+            rt.writes[PROBED + self.unit] = (out, None)
+            return out
+        entry = rt.reads.get(PROBED + self.unit)
+        if entry is not None:
+            return entry[0]
+        return self.original(*args, **kwargs)
+
+
+class AdaptiveGate(_Wrapper):
+    """The first module a reuse call may skip; its input is the indicator. State (a unit of the
+    runtime): "first_block": the input on the last full call; "accumulated": (the input on the
+    previous call, the accumulated value)."""
+
+    def __init__(self, original, runtime, unit, cache_unit, backend):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        self.rule, self.poly = runtime.policy.rule, runtime.policy.poly
+
+    def forward(self, *args, **kwargs):
+        rt = self.runtime
+        g = _primary_input(args, kwargs)
+        sig = signature(g)
+        if rt.mode == PROBE_MODE:
+            entry = rt.reads.get(INDICATOR_UNIT)
+            if entry is None or entry[1] != sig:  # nothing to compare with: the call runs in full
+                v = torch.full((), math.inf, device=g.device)
+            else:
+                v = indicator_value(self.rule, self.poly, g, entry[0])
+            rt.writes[PROBED + INDICATOR_UNIT] = (v, None)
+            _stop()
+        if rt.mode in (FULL_MODE, REUSE_MODE):
+            # clones: g may live in memory the next probe rewrites (a CUDA graph's output)
+            if self.rule == "first_block":
+                rt.unit(INDICATOR_UNIT, sig, lambda: (None, g.clone()), reuse=lambda state: None)
+            else:
+                probed = rt.reads.get(PROBED + INDICATOR_UNIT)
+
+                def moved_on(state):
+                    return None, (g.clone(), probed[0].clone() if probed is not None else state[1])
+
+                rt.unit(INDICATOR_UNIT, sig, lambda: (None, (g.clone(), g.new_zeros((), dtype=torch.float32))),
+                        update=moved_on)
+        return self.original(*args, **kwargs)
+
+
+def run_probe(runtime, family, network, call) -> torch.Tensor:
+    """Run `network` on `call` in PROBE mode up to the gate; the indicator value (device)."""
+    try:
+        family.run(network, call)
+    except GateReached:
+        return runtime.writes[PROBED + INDICATOR_UNIT][0]
+    raise RuntimeError("frkern: an adaptive call ran the whole network without reaching its gate")
