@@ -1,0 +1,235 @@
+"""Adaptive reuse (issue 11) against independent plain-PyTorch statements of its rules, step by
+step through CFG sampling loops (DDIM and DPM-Solver++), and its contract with the rest of frkern."""
+import copy
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DPMSolverMultistepScheduler
+
+import frkern
+from reference import FRDiffHooks, SegmentHooks, ddim_loop, lam
+from test_pipelines import generate, rel
+from tiny import ddim, make_sd_pipeline, sd_inputs, sd_prompt_kwargs, sd_unet
+
+STEPS = 10
+
+
+def dpmpp():
+    return DPMSolverMultistepScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       algorithm_type="dpmsolver++", steps_offset=1)
+
+
+SCHEDULERS = {"ddim": ddim, "dpm++": dpmpp}
+
+
+class RuleStatement:
+    """The decision rules as the issue states them, in fp64, from the gate input `g` of an
+    unpatched UNet (a forward pre-hook): reuse iff past warm-up, fewer than max_reuse reuse calls
+    in a row, and v < threshold, where per image r(a, b) = mean|a - b| / mean|b| and
+    first_block: v = max_b r(g, g at the last full call);
+    accumulated: v = acc + max(poly(max_b r(g, g at the previous call)), 0), acc reset on full calls."""
+
+    def __init__(self, policy, on_decision):
+        self.p, self.on_decision = policy, on_decision
+        self.step, self.key, self.prev, self.acc, self.run = 0, None, None, 0.0, 0
+        self.values, self.decisions = {}, []
+
+    @staticmethod
+    def r(a, b):
+        a, b = a.double(), b.double()
+        return max(((a[i] - b[i]).abs().mean() / b[i].abs().mean()).item() for i in range(a.shape[0]))
+
+    def pre_hook(self, module, args, kwargs):
+        g = args[0] if args else kwargs["hidden_states"]
+        p = self.p
+        reuse = False
+        if self.step >= p.warmup and self.run < p.max_reuse and p.threshold > 0:
+            if p.rule == "first_block":
+                v = self.r(g, self.key)
+            else:
+                d = self.r(g, self.prev)
+                v = self.acc + max(sum(c * d ** k for k, c in enumerate(reversed(p.poly))), 0.0)
+            self.values[self.step] = v
+            reuse = v < p.threshold
+        if reuse:
+            self.run += 1
+            self.acc = v if p.rule == "accumulated" else 0.0
+        else:
+            self.run, self.acc, self.key = 0, 0.0, g.clone()
+        self.prev = g.clone()
+        self.decisions.append(reuse)
+        self.on_decision(not reuse)
+
+
+def gate_module(unet, reuse):
+    # Independently of frkern's path logic: DeepCache branch 0 caches all of down_blocks[0], so its
+    # indicator is conv_in's output; Clockwork (1 level) and unit reuse compute down_blocks[0]'s
+    # layers and cache from its downsampler on.
+    return unet.down_blocks[0] if reuse == "deepcache" else unet.down_blocks[0].downsamplers[0]
+
+
+@pytest.mark.parametrize("sched, reuse, rule, threshold, poly, score_mix", [
+    ("ddim", "clockwork", "first_block", 0.12, (1.0, 0.0), False),
+    ("dpm++", "units", "first_block", 0.12, (1.0, 0.0), False),
+    ("dpm++", "clockwork", "accumulated", 0.12, (3.0, 0.8, 0.0), False),
+    ("ddim", "units", "accumulated", 0.12, (3.0, 0.8, 0.0), False),
+    ("dpm++", "clockwork", "first_block", 0.12, (1.0, 0.0), True),
+    ("ddim", "units", "accumulated", 0.12, (3.0, 0.8, 0.0), True),
+])
+def test_decisions_and_outputs_match_the_rule_statement(sched, reuse, rule, threshold, poly, score_mix):
+    unet = sd_unet()
+    ref_unet = copy.deepcopy(unet)
+    sample, ehs, _ = sd_inputs(unet, batch=4)  # CFG over a batch of 2 images
+    latents = sample[:2]
+    policy = frkern.Adaptive(threshold, rule=rule, reuse=reuse, warmup=2, max_reuse=2, poly=poly, score_mix=score_mix)
+
+    hooks = SegmentHooks(ref_unet, levels=1) if reuse == "clockwork" else FirstBlockComputedHooks(ref_unet)
+    statement = RuleStatement(policy, lambda keyframe: setattr(hooks, "keyframe", keyframe))
+    gate_module(ref_unet, reuse).register_forward_pre_hook(statement.pre_hook, with_kwargs=True)
+    key_eps = {}
+
+    def ref_call(i, x, t):
+        statement.step = i
+        with torch.no_grad():
+            eps = ref_unet(x, t, ehs).sample
+        if not statement.decisions[-1]:
+            key_eps[0] = eps
+        elif score_mix:
+            eps = lam(i, STEPS) * eps + (1 - lam(i, STEPS)) * key_eps[0]
+        return eps
+
+    handle = frkern.patch(unet, policy, backend="torch")
+    handle.begin(STEPS)
+
+    def call(i, x, t):
+        handle.set_step(i)
+        with torch.no_grad():
+            return unet(x, t, ehs).sample
+
+    _, eps_ref = ddim_loop(ref_call, SCHEDULERS[sched](), latents, STEPS)
+    _, eps_got = ddim_loop(call, SCHEDULERS[sched](), latents, STEPS)
+    for i, (a, b) in enumerate(zip(eps_got, eps_ref)):
+        assert torch.isfinite(a).all()
+        assert rel(a, b) <= 1e-6, f"step {i}: {rel(a, b)}"
+    decisions = statement.decisions
+    assert handle.stats["reuse"] == sum(decisions) and handle.stats["full"] == STEPS - sum(decisions)
+    # the rule decided both ways (the test would not tell anything otherwise), not only at the cap
+    assert 0 < sum(decisions) and any(not d for i, d in enumerate(decisions) if i >= 2 and statement.values.get(i, 0) >= threshold)
+    got = handle.stats["indicator"]
+    assert sorted(got) == sorted(statement.values)
+    for i, v in statement.values.items():
+        assert math.isclose(got[i], v, rel_tol=1e-5), (i, got[i], v)
+
+
+class FirstBlockComputedHooks(FRDiffHooks):
+    """FRDiff's unit reuse, except down_blocks[0]'s units, which always compute (the indicator)."""
+
+    def _hook(self, name, module, args, out):
+        return None if name.startswith("down_blocks.0.") else super()._hook(name, module, args, out)
+
+
+def test_threshold_zero_is_full_compute_bit_for_bit():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs(batch=2)
+    want = generate(pipe, prompt)
+    for reuse in ("deepcache", "units"):
+        handle = frkern.patch(pipe, frkern.Adaptive(0.0, reuse=reuse), backend="torch")
+        assert torch.equal(generate(pipe, prompt), want)
+        assert handle.stats["full"] == 8 and "reuse" not in handle.stats
+        frkern.unpatch(pipe)
+
+
+@pytest.mark.parametrize("sched, reuse, fixed, rule", [
+    ("ddim", "deepcache", lambda n: frkern.DeepCache(n, 0), "first_block"),
+    ("dpm++", "deepcache", lambda n: frkern.DeepCache(n, 0), "accumulated"),
+    ("dpm++", "clockwork", lambda n: frkern.Clockwork(n), "first_block"),
+    ("ddim", "clockwork", lambda n: frkern.Clockwork(n), "accumulated"),
+])
+def test_threshold_above_every_change_is_the_fixed_interval_with_the_longest_run(sched, reuse, fixed, rule):
+    pipe = make_sd_pipeline(scheduler=SCHEDULERS[sched]())
+    prompt = sd_prompt_kwargs(batch=2)
+    frkern.patch(pipe, fixed(3), backend="torch")
+    want = generate(pipe, prompt, steps=9)
+    frkern.unpatch(pipe)
+    handle = frkern.patch(pipe, frkern.Adaptive(1e9, rule=rule, reuse=reuse, max_reuse=2), backend="torch")
+    got = generate(pipe, prompt, steps=9)
+    assert torch.equal(got, want)
+    assert handle.stats["full"] == 3 and handle.stats["reuse"] == 6 and handle.stats["forced"] == 2
+
+
+def test_mid_threshold_in_a_pipeline_with_every_reuse_kind():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs(batch=2)
+    want = generate(pipe, prompt, steps=10)
+    for reuse in ("deepcache", "clockwork", "units"):
+        handle = frkern.patch(pipe, frkern.Adaptive(0.3, reuse=reuse, max_reuse=4))
+        got = generate(pipe, prompt, steps=10)
+        assert torch.isfinite(got).all() and 0 < rel(got, want) < 0.5
+        assert handle.stats["reuse"] > 0 and handle.stats["full"] >= 1
+        frkern.unpatch(pipe)
+    assert torch.equal(generate(pipe, prompt, steps=10), want)
+
+
+def test_probe_does_not_compute_the_prefix_twice():
+    unet = sd_unet()
+    calls = []
+    for name in ("conv_in", "down_blocks.0.resnets.0.conv2", "down_blocks.0.attentions.1", "down_blocks.1", "up_blocks.2"):
+        unet.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: calls.append(name))
+    handle = frkern.patch(unet, frkern.Adaptive(1e9, reuse="clockwork"), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(3)
+    with torch.no_grad():
+        unet(sample, 10, ehs)
+        calls.clear()
+        handle.set_step(1)
+        unet(sample, 5, ehs)  # probe, then a reuse call
+    assert sorted(calls) == ["conv_in", "down_blocks.0.attentions.1", "down_blocks.0.resnets.0.conv2", "up_blocks.2"]
+
+
+def test_policy_round_trip_and_bad_arguments(tmp_path):
+    p = frkern.Adaptive(0.2, rule="accumulated", reuse="units", warmup=3, max_reuse=5, poly=(0.5, 1.0, 0.0),
+                        calibrated_for="tiny ddim 50", score_mix=True, bias=0.4)
+    assert frkern.from_json(p.to_json()) == p
+    frkern.save_policy(p, tmp_path / "a.json")
+    assert frkern.load_policy(tmp_path / "a.json") == p
+    assert json.loads(p.to_json())["poly"] == [0.5, 1.0, 0.0]
+    for kwargs, match in [({"threshold": -1}, "threshold must be a finite number >= 0"),
+                          ({"threshold": float("nan")}, "threshold"),
+                          ({"rule": "teacache"}, "rule must be one of"),
+                          ({"reuse": "segment"}, "reuse must be one of"),
+                          ({"warmup": 0}, "warmup must be an int >= 1"),
+                          ({"max_reuse": 0}, "max_reuse must be an int >= 1"),
+                          ({"poly": ()}, "poly must be a non-empty"),
+                          ({"poly": "1,0"}, "poly must be a sequence"),
+                          ({"poly": (1.0, float("inf"))}, "finite")]:
+        with pytest.raises(ValueError, match=match):
+            frkern.Adaptive(**kwargs)
+    with pytest.raises(ValueError, match="poly must be a JSON list"):
+        frkern.from_json('{"policy": "Adaptive", "poly": 3}')
+
+
+def test_a_cache_of_another_shape_is_never_compared():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.Adaptive(1e9, reuse="deepcache"), backend="torch")
+    ref = copy.deepcopy(unet)
+    frkern.unpatch(ref)
+    handle.begin(4)
+    with torch.no_grad():
+        for i, size in enumerate((16, 16, 8, 8)):
+            handle.set_step(i)
+            sample, ehs, _ = sd_inputs(unet, batch=2, size=size, seed=i)
+            out = unet(sample, 500, ehs).sample
+            if i == 2:  # new shape: full compute, equal to the plain model
+                assert torch.equal(out, ref(sample, 500, ehs).sample)
+    assert handle.stats["promoted"] == 1 and handle.stats["reuse"] == 2
+
+
+def test_unpatch_restores_every_module():
+    unet = sd_unet()
+    before = {n: type(m) for n, m in unet.named_modules()}
+    for reuse in ("deepcache", "clockwork", "units"):
+        frkern.patch(unet, frkern.Adaptive(0.1, reuse=reuse))
+        frkern.unpatch(unet)
+        assert {n: type(m) for n, m in unet.named_modules()} == before
