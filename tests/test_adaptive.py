@@ -233,3 +233,46 @@ def test_unpatch_restores_every_module():
         frkern.patch(unet, frkern.Adaptive(0.1, reuse=reuse))
         frkern.unpatch(unet)
         assert {n: type(m) for n, m in unet.named_modules()} == before
+
+
+@pytest.mark.parametrize("rule", ["first_block", "accumulated"])
+def test_cuda_graphs_equal_eager_with_probe_and_resume_graphs(rule):
+    from frkern.graphs import EmulatedCapture
+
+    policy = frkern.Adaptive(0.3, rule=rule, reuse="clockwork", max_reuse=3)
+    eager_pipe, prompt = make_sd_pipeline(), sd_prompt_kwargs()
+    eager = frkern.patch(eager_pipe, policy, backend="torch")
+    want = generate(eager_pipe, prompt, steps=10)
+    pipe = make_sd_pipeline()
+    handle = frkern.patch(pipe, policy, backend="torch", cuda_graphs=True)
+    handle.graphs.capture = EmulatedCapture()
+    for generation in range(2):
+        assert torch.equal(generate(pipe, prompt, steps=10), want), f"generation {generation}"
+        assert handle.stats == eager.stats
+    assert eager.stats["reuse"] > 0 and eager.stats["full"] > 1
+    gs = handle.graph_stats
+    # step 0 (plain full), probe, full after a probe, reuse after a probe: captured once each
+    assert gs["captures"] == 4
+    probes = 2 * (10 - 1)  # every call after the warm-up step probes, except those at the reuse cap
+    probes -= 2 * eager.stats.get("forced", 0)
+    assert gs["replays"] == 2 * (eager.stats["full"] + eager.stats["reuse"]) + probes
+
+
+def test_compiled_adaptive_does_not_recompile_from_step_to_step():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    pipe, prompt = make_sd_pipeline(), sd_prompt_kwargs()
+    handle = frkern.patch(pipe, frkern.Adaptive(0.3, rule="accumulated", reuse="units", max_reuse=3), backend="torch")
+    eager = generate(pipe, prompt, steps=10)
+    eager_stats = handle.stats
+    assert eager_stats["reuse"] > 0 and eager_stats["full"] > 1
+    torch._dynamo.reset()
+    counters.clear()
+    pipe.unet = torch.compile(pipe.unet, backend="eager")
+    for generation in range(3):
+        assert torch.equal(generate(pipe, prompt, steps=10), eager), f"generation {generation}"
+        assert handle.stats == eager_stats
+        if generation == 0:
+            first = counters["stats"]["unique_graphs"]
+    assert counters["stats"]["unique_graphs"] == first, "recompiled in steady state"
