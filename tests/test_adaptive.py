@@ -276,3 +276,35 @@ def test_compiled_adaptive_does_not_recompile_from_step_to_step():
         if generation == 0:
             first = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == first, "recompiled in steady state"
+
+
+def test_calibration_fits_the_output_change_and_round_trips():
+    import numpy as np
+
+    from frkern.adaptive import calibrate
+
+    pipe, prompt = make_sd_pipeline(), sd_prompt_kwargs(batch=2)
+    policy = calibrate(pipe, frkern.Adaptive(0.2, reuse="clockwork"), lambda: generate(pipe, prompt, steps=8),
+                       degree=2, note="tiny test")
+    # independent record: the gate input (down_blocks[0]'s output) and the UNet output per call
+    gs, outs = [], []
+    h1 = pipe.unet.down_blocks[0].downsamplers[0].register_forward_pre_hook(lambda m, a: gs.append(a[0].double()))
+    h2 = pipe.unet.register_forward_hook(lambda m, a, o: outs.append(o[0].double()))
+    generate(pipe, prompt, steps=8)
+    h1.remove(), h2.remove()
+
+    def r(a, b):
+        return max(((a[i] - b[i]).abs().mean() / b[i].abs().mean()).item() for i in range(a.shape[0]))
+
+    d = [r(gs[i], gs[i - 1]) for i in range(1, len(gs))]
+    o = [r(outs[i], outs[i - 1]) for i in range(1, len(outs))]
+    np.testing.assert_allclose(policy.poly, np.polyfit(d, o, 2), rtol=1e-4, atol=1e-6)
+    assert policy.rule == "accumulated" and policy.calibrated_for == "tiny test" and policy.threshold == 0.2
+    assert frkern.from_json(policy.to_json()) == policy
+    handle = frkern.patch(pipe, policy)  # and it runs
+    generate(pipe, prompt, steps=8)
+    assert handle.stats["full"] + handle.stats.get("reuse", 0) == 8
+    frkern.unpatch(pipe)
+    with pytest.raises(RuntimeError, match="patched"):
+        frkern.patch(pipe, policy)
+        calibrate(pipe, policy, lambda: None)
