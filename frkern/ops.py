@@ -72,6 +72,23 @@ if triton_available():
     def _geglu_op(x: torch.Tensor) -> torch.Tensor:
         return _gg.geglu_triton(x, launch=torch.library.wrap_triton)
 
+    @torch.library.triton_op("frkern::skip_conv", mutates_args=("x_ref", "z"))
+    def _skip_conv_op(
+        x: torch.Tensor,
+        x_ref: torch.Tensor,
+        z: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        tile: int,
+        threshold: float,
+        padding: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Updates x_ref and z in place; returns the (active, affected) tile masks.
+        _, _, active, affected = _sc.skip_conv_triton(
+            x, x_ref, z, weight, bias, tile, threshold, tuple(padding), launch=torch.library.wrap_triton
+        )
+        return active, affected
+
 
 def group_norm_act(
     x: torch.Tensor,
@@ -105,5 +122,12 @@ def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
 
 def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding=1, backend: str = "auto"):
     """One Skip-Convolution step (kernels/skip_conv.py): (output, new x_ref, active, affected).
-    Every backend runs the PyTorch reference for now (the tile-predicated Triton conv is to come)."""
+
+    triton: the tile-predicated Triton convolution, in place: x_ref and z are updated and returned
+    (the output is z itself). torch: the PyTorch reference, out of place (x_ref and z untouched)."""
+    if use_triton(backend, x):
+        _sc.check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
+        pad = list(padding) if isinstance(padding, (tuple, list)) else [padding, padding]
+        active, affected = _skip_conv_op(x, x_ref, z, weight, bias, tile, float(threshold), pad)
+        return z, x_ref, active, affected
     return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding)

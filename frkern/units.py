@@ -218,10 +218,11 @@ class GatedConv2d(_Wrapper):
 
         def dense():
             z = o(x)
-            # the same state structure as a step's (CUDA graphs read it leaf by leaf)
+            # the same state structure as a step's (CUDA graphs read it leaf by leaf); x_ref is our
+            # own copy, not the caller's tensor: the Triton step updates x_ref (and z) in place
             n, _, h, w = x.shape
             none_active = torch.zeros(n, 1, -(-h // self.tile), -(-w // self.tile), dtype=torch.bool, device=x.device)
-            return z, (x, z, none_active)
+            return z, (x.clone(), z, none_active)
 
         def step(state):
             x_ref, z, _ = state

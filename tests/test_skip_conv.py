@@ -1,5 +1,6 @@
 """SkipConv (residual skipping) against independent statements of its definition (issue 10, torch
-backend; the tile-predicated Triton convolution is not written yet)."""
+backend; the tile-predicated Triton convolution is tested against the reference in
+test_kernel_skip_conv.py)."""
 import copy
 from functools import partial
 
