@@ -219,15 +219,16 @@ if triton is not None:
         co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         com = co < CO
         kk = tl.arange(0, BLOCK_K)
-        r_img = r_ptr + n * srn
+        r_pix = r_ptr + n * srn + oh[:, None] * srh + ow[:, None] * srw + kk[None, :] * src
+        w_co = w_ptr + co[None, :] * swo + kk[:, None] * swi
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # implicit GEMM: for each tap, (pixels x Cin) of shifted x_ref times (Cin x Cout) of weight
         for tap in tl.static_range(KS * KS):
-            ih = oh + (tap // KS - KS // 2)
-            iw = ow + (tap % KS - KS // 2)
-            am = (pm & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a_ptrs = r_img + ih[:, None] * srh + iw[:, None] * srw + kk[None, :] * src
-            b_ptrs = w_ptr + co[None, :] * swo + (tap // KS) * swh + (tap % KS) * sww + kk[:, None] * swi
+            dh = tap // KS - KS // 2
+            dw = tap % KS - KS // 2
+            am = (pm & (oh + dh >= 0) & (oh + dh < H) & (ow + dw >= 0) & (ow + dw < W))[:, None]
+            a_ptrs = r_pix + (dh * srh + dw * srw)
+            b_ptrs = w_co + ((tap // KS) * swh + (tap % KS) * sww)
             for k0 in range(0, C, BLOCK_K):
                 cim = k0 + kk < C
                 a = tl.load(a_ptrs + k0 * src, mask=am & cim[None, :], other=0.0)
@@ -245,11 +246,11 @@ if triton is not None:
 
 
 def _conv_blocks(tile: int, cin: int, cout: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K). SD1.5 at tile 8: 64 pixels x 64 output channels x 32 input
-    channels per step of the K loop (9 taps unrolled inside it)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K). SD1.5 at tile 8: 64 pixels x 64 output channels, 64 input
+    channels per step of the K loop (inside a static loop over the 9 taps)."""
     block_m = max(16, min(128, triton.next_power_of_2(tile * tile)))
     block_n = max(16, min(64, triton.next_power_of_2(cout)))
-    block_k = max(16, min(32, triton.next_power_of_2(cin)))
+    block_k = max(16, min(64, triton.next_power_of_2(cin)))
     return block_m, block_n, block_k
 
 
