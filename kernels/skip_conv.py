@@ -254,25 +254,14 @@ def _conv_blocks(tile: int, cin: int, cout: int) -> tuple[int, int, int]:
     return block_m, block_n, block_k
 
 
-def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1, launch=None):
-    """One step in place: x_ref and z are updated; returns (z, x_ref, active, affected), values as
-    skip_conv_reference's (the masks are new (N, 1, ceil(H/B), ceil(W/B)) bool tensors). Three
-    launches with shape-only grids, no host read of device values (CUDA-graph capturable).
-    `launch` wraps each kernel, e.g. torch.library.wrap_triton."""
-    if triton is None:
-        raise RuntimeError("triton is not installed; use the PyTorch reference")
-    check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
-    check_skip_conv_tensors(x, x_ref, z, weight, bias)
+def _launch_gate(x, x_ref, tile: int, threshold: float, launch) -> torch.Tensor:
+    """Gate sums, then decide + copy (x_ref updated in place); returns the active mask."""
     n, c, h, w = x.shape
-    co, ks = weight.shape[0], weight.shape[-1]
     th, tw = triton.cdiv(h, tile), triton.cdiv(w, tile)
     tiles = n * th * tw
     active = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
-    affected = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
-    launch = launch or (lambda k: k)
-
-    # gate: [BLOCK_C, BLOCK_P] blocks of about 2048 elements; channel chunks of 128 so that maps
-    # with few tiles (16x16 at tile 8) still spread over many programs
+    # [BLOCK_C, BLOCK_P] blocks of about 2048 elements; channel chunks of 128 so that maps with few
+    # tiles (16x16 at tile 8) still spread over many programs
     block_p = min(1024, triton.next_power_of_2(tile * tile))
     block_c = max(1, min(triton.next_power_of_2(c), 2048 // block_p))
     chunk_c = max(block_c, 128)
@@ -288,12 +277,46 @@ def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, pad
         x, x_ref, part, active, c, h, w, th, tw, chunk_c, float(threshold), *sx, *sr,
         TILE=tile, BLOCK_C=block_c, BLOCK_P=block_p, BLOCK_R=block_r,
     )
+    return active
 
+
+def skip_conv_gate_triton(x, x_ref, tile: int, threshold: float, launch=None) -> torch.Tensor:
+    """The gate alone (two launches): x_ref takes x on active tiles, in place; returns the active
+    (N, 1, ceil(H/B), ceil(W/B)) bool mask. For measuring the gate's cost (bench/kernel_bench.py)."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use the PyTorch reference")
+    if x.dim() != 4 or x.shape != x_ref.shape or x.dtype != x_ref.dtype or x.device != x_ref.device:
+        raise ValueError(f"skip_conv gate: x and x_ref must be NCHW of one shape, dtype and device, got "
+                         f"{tuple(x.shape)} {x.dtype} {x.device} and {tuple(x_ref.shape)} {x_ref.dtype} {x_ref.device}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"skip_conv gate: dtype {x.dtype} not supported; accepted: float32, float16, bfloat16")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"skip_conv gate: tile must be an int >= 1, got {tile!r}")
+    if not threshold >= 0:
+        raise ValueError(f"skip_conv gate: threshold must be >= 0, got {threshold!r}")
+    return _launch_gate(x, x_ref, tile, threshold, launch or (lambda k: k))
+
+
+def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1, launch=None):
+    """One step in place: x_ref and z are updated; returns (z, x_ref, active, affected), values as
+    skip_conv_reference's (the masks are new (N, 1, ceil(H/B), ceil(W/B)) bool tensors). Three
+    launches with shape-only grids, no host read of device values (CUDA-graph capturable).
+    `launch` wraps each kernel, e.g. torch.library.wrap_triton."""
+    if triton is None:
+        raise RuntimeError("triton is not installed; use the PyTorch reference")
+    check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
+    check_skip_conv_tensors(x, x_ref, z, weight, bias)
+    n, c, h, w = x.shape
+    co, ks = weight.shape[0], weight.shape[-1]
+    th, tw = triton.cdiv(h, tile), triton.cdiv(w, tile)
+    launch = launch or (lambda k: k)
+    active = _launch_gate(x, x_ref, tile, threshold, launch)
+    affected = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
     block_m, block_n, block_k = _conv_blocks(tile, c, co)
     mchunks = triton.cdiv(tile * tile, block_m)
-    launch(_skip_conv_kernel)[(tiles * mchunks, triton.cdiv(co, block_n))](
+    launch(_skip_conv_kernel)[(n * th * tw * mchunks, triton.cdiv(co, block_n))](
         x_ref, weight, bias if bias is not None else weight, z, active, affected,
-        c, h, w, co, th, tw, mchunks, *sr, *weight.stride(), *z.stride(),
+        c, h, w, co, th, tw, mchunks, *x_ref.stride(), *weight.stride(), *z.stride(),
         TILE=tile, KS=ks, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
