@@ -7,6 +7,15 @@ Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at
 Reports medians of triton.testing.do_bench (CUDA events, warm-up), the ratio unfused / fused,
 and the achieved bandwidth against the bytes the fused kernel must move. Correctness is checked
 before timing (max abs error vs the reference); a failing case is not timed.
+
+Skip-Convolution rows (SD1.5 ResNet 3x3 convs, tile 8, threshold 0.1): exactly the stated
+fraction of input tiles changes (tiles drawn with a fixed seed; the others are left bit-identical),
+and successive timed calls alternate between two inputs that differ on those tiles only, so every
+call finds the same active tiles. ms_gated: gate + tile-predicated conv (skip_conv_triton);
+ms_gate: the gate alone; ms_dense: cuDNN F.conv2d on the whole map; dense_over_gated: the ratio.
+affected_frac: the output tiles recomputed (active tiles dilated by the 3x3 receptive field: with
+scattered tiles, as drawn here, up to 9x the active fraction; 16x16 maps at tile 8 have 2x2 tiles,
+so any change recomputes them all).
 """
 from __future__ import annotations
 
@@ -16,6 +25,7 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,6 +34,7 @@ from options import parser as new_parser  # noqa: E402
 from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
 from frkern.kernels.group_norm import group_norm_act_reference, group_norm_act_triton  # noqa: E402
 from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # noqa: E402
+from frkern.kernels.skip_conv import skip_conv_gate_triton, skip_conv_reference, skip_conv_triton  # noqa: E402
 
 # (name, B, C, H, W): ResNet norm shapes of SD1.5 (512^2) and SDXL (1024^2)
 GN_SHAPES = [("sd15 64x64x320", 2, 320, 64, 64), ("sd15 32x32x640", 2, 640, 32, 32),
@@ -35,6 +46,12 @@ GEGLU_SHAPES = [("sd15 64x64 ff", 2 * 4096, 2560), ("sd15 32x32 ff", 2 * 1024, 5
 # --smoke: the same code path on tiny shapes, for the tests (CPU, Triton interpreter); not timings
 SMOKE_SHAPES = [("smoke 5x7x32", 2, 32, 5, 7)]
 SMOKE_GEGLU = [("smoke ff", 6, 40)]
+# (name, B, C, H, W, tile): ResNet 3x3 convs of SD1.5 (C in = C out)
+SKIP_SHAPES = [("sd15 64x64x320", 2, 320, 64, 64, 8), ("sd15 32x32x640", 2, 640, 32, 32, 8),
+               ("sd15 16x16x1280", 2, 1280, 16, 16, 8)]
+SMOKE_SKIP = [("smoke 9x7x20", 1, 20, 9, 7, 4)]
+SKIP_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
+SKIP_THRESHOLD = 0.1
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
 
 
@@ -52,7 +69,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype)
     if args.smoke:
         device, shapes, n_mix = ("cuda" if torch.cuda.is_available() else "cpu"), SMOKE_SHAPES, (100,)
-        geglu_shapes = SMOKE_GEGLU
+        geglu_shapes, skip_shapes, skip_formats = SMOKE_GEGLU, SMOKE_SKIP, ("nchw",)
 
         def bench(fn):
             t0 = time.perf_counter()
@@ -64,7 +81,7 @@ def main(argv=None):
         import triton.testing
 
         device, shapes, n_mix = "cuda", GN_SHAPES, (2 * 4 * 64 * 64, 2 * 4 * 128 * 128)
-        geglu_shapes = GEGLU_SHAPES
+        geglu_shapes, skip_shapes, skip_formats = GEGLU_SHAPES, SKIP_SHAPES, ("nchw", "channels_last")
         bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
     rows = []
     for name, B, C, H, W in shapes:
@@ -115,16 +132,72 @@ def main(argv=None):
             row.update(ms_fused=tf, ms_unfused=tu, speedup=tu / tf, gbps_fused=nbytes / tf / 1e6)
         rows.append(row)
         print(row)
+    for name, B, C, H, W, tile in skip_shapes:
+        for fmt in skip_formats:
+            for frac in SKIP_FRACTIONS:
+                rows.append(skip_conv_case(name, B, C, H, W, tile, fmt, frac, dtype, args.dtype, device, bench))
+                print(row)
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
     stem = os.path.join(args.out, f"kernels_{dev}_{args.dtype}")
-    keys = ["shape", "format", "case", "dtype", "max_abs_err", "ms_fused", "ms_unfused", "speedup", "gbps_fused", "note"]
+    keys = ["shape", "format", "case", "dtype", "max_abs_err", "ms_fused", "ms_unfused", "speedup", "gbps_fused",
+            "active_frac", "affected_frac", "ms_gated", "ms_gate", "ms_dense", "dense_over_gated", "note"]
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
         wr.writerows(rows)
     print(f"wrote {stem}.csv (device {dev}, torch {torch.__version__})")
     return rows
+
+
+def skip_conv_case(name, B, C, H, W, tile, fmt, frac, dtype, dtype_name, device, bench):
+    """One Skip-Convolution row: `frac` of the input tiles change (see the module docstring)."""
+    mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+    g = torch.Generator().manual_seed(0)
+    th, tw = -(-H // tile), -(-W // tile)
+    # exactly round(frac * tiles) tiles per image change, drawn with a fixed seed
+    n_active = max(1, round(frac * th * tw))
+    chosen = torch.zeros(B, th * tw, dtype=torch.bool)
+    for b in range(B):
+        chosen[b, torch.randperm(th * tw, generator=g)[:n_active]] = True
+    px = chosen.view(B, 1, th, tw).repeat_interleave(tile, 2).repeat_interleave(tile, 3)[:, :, :H, :W].to(device)
+    x_ref0 = torch.randn(B, C, H, W, generator=g).to(device, dtype).contiguous(memory_format=mf)
+    # two inputs that differ from x_ref0 and from each other on the chosen tiles only, by O(1)
+    xs = [torch.where(px, x_ref0 + torch.randn(B, C, H, W, generator=g).to(device, dtype), x_ref0)
+          .contiguous(memory_format=mf) for _ in range(2)]
+    weight = (torch.randn(C, C, 3, 3, generator=g) / (9 * C) ** 0.5).to(device, dtype).contiguous(memory_format=mf)
+    bias = torch.randn(C, generator=g).to(device, dtype)
+    z0 = F.conv2d(x_ref0, weight, bias, padding=1)
+    row = dict(shape=name, format=fmt, case=f"skip conv 3x3 tile {tile}, {100 * frac:g}% tiles change", dtype=dtype_name)
+    with torch.no_grad():
+        want, want_ref, want_active, want_affected = skip_conv_reference(xs[0], x_ref0, z0, weight, bias, tile,
+                                                                         SKIP_THRESHOLD, 1)
+        x_ref, z = x_ref0.clone(), z0.clone()
+        got, got_ref, active, affected = skip_conv_triton(xs[0], x_ref, z, weight, bias, tile, SKIP_THRESHOLD, 1)
+    err = (got.float() - want.float()).abs().max().item()
+    row.update(max_abs_err=err, active_frac=active.float().mean().item(),
+               affected_frac=affected.float().mean().item())
+    ok = (err <= TOL[dtype] * max(1.0, want.float().abs().max().item()) and torch.equal(active, want_active)
+          and torch.equal(affected, want_affected) and torch.equal(got_ref, want_ref)
+          and active.view(B, -1).sum(1).eq(n_active).all().item())
+    if not ok:
+        row.update(note="not timed: differs from the reference (or the active tiles are not those drawn)")
+        return row
+    state = {"i": 0}
+
+    def gated():  # alternate the inputs: each call finds the same tiles changed
+        state["i"] ^= 1
+        skip_conv_triton(xs[state["i"]], x_ref, z, weight, bias, tile, SKIP_THRESHOLD, 1)
+
+    def gate():
+        state["i"] ^= 1
+        skip_conv_gate_triton(xs[state["i"]], x_ref, tile, SKIP_THRESHOLD)
+
+    with torch.no_grad():
+        t_gated, t_gate = bench(gated), bench(gate)
+        t_dense = bench(lambda: F.conv2d(xs[0], weight, bias, padding=1))
+    row.update(ms_gated=t_gated, ms_gate=t_gate, ms_dense=t_dense, dense_over_gated=t_dense / t_gated)
+    return row
 
 
 if __name__ == "__main__":

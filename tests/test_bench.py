@@ -77,7 +77,10 @@ def test_kernel_bench_smoke(tmp_path):
     import kernel_bench
 
     rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 3 + 1 + 1  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU
+    assert len(rows) == 2 * 3 + 1 + 1 + 4  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU; skip conv x 4
+    skip = [r for r in rows if r["case"].startswith("skip conv")]
+    assert [round(r["active_frac"] * 6) for r in skip] == [6, 3, 2, 1]  # of 6 tiles per image: as drawn
+    assert all(r["affected_frac"] >= r["active_frac"] and r["dense_over_gated"] > 0 for r in skip)
     assert all(r["max_abs_err"] <= kernel_bench.TOL[torch.float32] and "note" not in r for r in rows)
     assert (tmp_path / "kernels_cpu_float32.csv").exists()
 
