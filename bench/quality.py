@@ -13,6 +13,7 @@ CPU attention formula torch lacks); wall time per image.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -28,12 +29,15 @@ import frkern  # noqa: E402
 from flops import count_gflop  # noqa: E402
 from options import COMMITTED_RESULTS, add_out  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+from calibrate_adaptive import scheduler  # noqa: E402
 from tiny_model import ASSET_DIR, load, load_photos, sample  # noqa: E402
 from train_tiny import random_crops  # noqa: E402
 
 
 def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
-    """(family, label, policy or None, steps); Auto-FR: every autofr_*.policy.json in autofr_dirs."""
+    """(family, label, policy or None, steps[, sampler]); Auto-FR: every autofr_*.policy.json in
+    autofr_dirs; the accumulated Adaptive rule: the calibrated adaptive_tiny_*.policy.json of
+    bench/calibrate_adaptive.py in bench/results."""
     out = [("DDIM (reduced NFE)", f"DDIM-{n}", None, n) for n in (10, 13, 17, 20, 25, 30, 40, ref_steps)]
     out += [("FRDiff FR only", f"FR M={m}", frkern.FRDiff(m, score_mix=False), ref_steps) for m in (2, 3, 4, 5)]
     out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
@@ -45,6 +49,40 @@ def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
     for path in sorted(p for d in autofr_dirs for p in glob.glob(os.path.join(d, "autofr_*.policy.json"))):
         pol = frkern.load_policy(path)
         out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key)", pol, pol.num_steps))
+    out += adaptive_methods(ref_steps)
+    return out
+
+
+def calibrated(sampler: str, steps: int) -> frkern.Adaptive:
+    return frkern.load_policy(os.path.join(COMMITTED_RESULTS, f"adaptive_tiny_{sampler}{steps}_clockwork.policy.json"))
+
+
+def adaptive_methods(ref_steps: int):
+    """Adaptive rules against the fixed schedules of the same reuse kind, at the reference's DDIM
+    steps and in a low-step DPM-Solver++ setting (20 and 25 steps)."""
+    replace = dataclasses.replace
+    fb = dict(rule="first_block", warmup=2, max_reuse=4)
+    out = [("Adaptive FBC, Clockwork cut", f"Adaptive FBC clockwork t={t}", frkern.Adaptive(t, reuse="clockwork", **fb), ref_steps)
+           for t in (0.02, 0.04, 0.08)]
+    out += [("Adaptive FBC, DeepCache cut", f"Adaptive FBC deepcache t={t}", frkern.Adaptive(t, reuse="deepcache", **fb), ref_steps)
+            for t in (0.03, 0.06, 0.12)]
+    out += [("Adaptive FBC, FR units", f"Adaptive FBC units t={t}", frkern.Adaptive(t, reuse="units", **fb), ref_steps)
+            for t in (0.02, 0.04, 0.08)]
+    acc = replace(calibrated("ddim", ref_steps), warmup=2, max_reuse=4)
+    out += [("Adaptive accumulated (calibrated), Clockwork cut", f"Adaptive acc clockwork t={t}", replace(acc, threshold=t), ref_steps)
+            for t in (0.03, 0.06, 0.12)]
+    for n in (20, 25):
+        low = [("DPM++ (low step) full", f"DPM++-{n}", None, n),
+               ("DPM++ (low step) Clockwork", f"DPM++-{n} Clockwork c=2", frkern.Clockwork(2), n),
+               ("DPM++ (low step) Clockwork", f"DPM++-{n} Clockwork c=3", frkern.Clockwork(3), n),
+               ("DPM++ (low step) DeepCache", f"DPM++-{n} DeepCache N=2", frkern.DeepCache(2, 0), n),
+               ("DPM++ (low step) DeepCache", f"DPM++-{n} DeepCache N=3", frkern.DeepCache(3, 0), n)]
+        low += [("DPM++ (low step) Adaptive FBC clockwork", f"DPM++-{n} Adaptive FBC clockwork t={t}",
+                 frkern.Adaptive(t, reuse="clockwork", rule="first_block", warmup=2, max_reuse=2), n) for t in (0.03, 0.06)]
+        acc = replace(calibrated("dpmpp", n), warmup=2, max_reuse=2)
+        low += [("DPM++ (low step) Adaptive acc clockwork", f"DPM++-{n} Adaptive acc clockwork t={t}",
+                 replace(acc, threshold=t), n) for t in (0.05, 0.1)]
+        out += [row + ("dpmpp",) for row in low]
     return out
 
 
@@ -128,18 +166,19 @@ def main(argv=None):
     mu, sd = train_p.mean(0), train_p.std(0) + 1e-6
     train_p = (train_p - mu) / sd
 
-    def generate(policy, steps):
+    def generate(policy, steps, sampler="ddim"):
         handle = frkern.patch(unet, policy) if policy is not None else None
         try:
             t0 = time.perf_counter()
-            x = sample(unet, tokens, labels, steps=steps, guidance=args.guidance, noise=noise, handle=handle)
+            x = sample(unet, tokens, labels, steps=steps, guidance=args.guidance, noise=noise, handle=handle,
+                       scheduler=scheduler(sampler))
             if x.is_cuda:
                 torch.cuda.synchronize()
             secs = time.perf_counter() - t0
             stats = dict(handle.stats) if handle else {"full": steps}
             # FLOPs are linear in the batch: count one image's run (same schedule) and scale.
             one = lambda: sample(unet, tokens, labels[:1], steps=steps, guidance=args.guidance,  # noqa: E731
-                                 noise=noise[:1], handle=handle)
+                                 noise=noise[:1], handle=handle, scheduler=scheduler(sampler))
             gflop = count_gflop(one) - skipped_conv_gflop(handle, one)
         finally:
             if handle is not None:
@@ -149,13 +188,14 @@ def main(argv=None):
     ref, _, _, _ = generate(None, args.steps)
     ref01 = to01(ref)
     rows = []
-    for family, label, policy, steps in methods(args.steps, args.autofr):
-        x, secs, flops, stats = generate(policy, steps)
+    for family, label, policy, steps, *sampler in methods(args.steps, args.autofr):
+        x, secs, flops, stats = generate(policy, steps, *sampler)
         img = to01(x)
         psnr = [peak_signal_noise_ratio(r, g, data_range=1.0) for r, g in zip(ref01, img)]
         ssim = [structural_similarity(r, g, data_range=1.0, channel_axis=2, win_size=7) for r, g in zip(ref01, img)]
         gen_p = (patches(img, rng=np.random.default_rng(1)) - mu) / sd
         row = dict(family=family, method=label, policy=policy.to_dict() if policy is not None else None, steps=steps,
+                   sampler=(sampler or ["ddim"])[0],
                    calls=stats, gflop_per_image=flops / 1e9 / len(labels), ms_per_image=1e3 * secs / len(labels),
                    psnr=float(np.mean([p for p in psnr if np.isfinite(p)] or [float("inf")])),
                    psnr_identical=int(sum(not np.isfinite(p) for p in psnr)),
