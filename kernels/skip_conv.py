@@ -222,23 +222,25 @@ if triton is not None:
         r_pix = r_ptr + n * srn + oh[:, None] * srh + ow[:, None] * srw + kk[None, :] * src
         w_co = w_ptr + co[None, :] * swo + kk[:, None] * swi
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        # implicit GEMM: for each tap, (pixels x Cin) of shifted x_ref times (Cin x Cout) of weight
-        for tap in tl.static_range(KS * KS):
+        # implicit GEMM, one pipelined loop over (tap, input-channel block): (pixels x Cin block) of
+        # x_ref shifted by the tap, times (Cin block x Cout block) of the tap's weight
+        nk = tl.cdiv(C, BLOCK_K)
+        for it in range(0, KS * KS * nk):
+            tap = it // nk
+            k0 = (it - tap * nk) * BLOCK_K
             dh = tap // KS - KS // 2
             dw = tap % KS - KS // 2
             am = (pm & (oh + dh >= 0) & (oh + dh < H) & (ow + dw >= 0) & (ow + dw < W))[:, None]
-            a_ptrs = r_pix + (dh * srh + dw * srw)
-            b_ptrs = w_co + ((tap // KS) * swh + (tap % KS) * sww)
-            for k0 in range(0, C, BLOCK_K):
-                cim = k0 + kk < C
-                a = tl.load(a_ptrs + k0 * src, mask=am & cim[None, :], other=0.0)
-                b = tl.load(b_ptrs + k0 * swi, mask=cim[:, None] & com[None, :], other=0.0)
-                if UPCAST:  # bf16 in Triton's interpreter (no bf16 matmul there): exact products in fp32
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-                elif IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b, acc)
+            cim = k0 + kk < C
+            a = tl.load(r_pix + (dh * srh + dw * srw + k0 * src), mask=am & cim[None, :], other=0.0)
+            b = tl.load(w_co + ((tap // KS) * swh + (tap % KS) * sww + k0 * swi),
+                        mask=cim[:, None] & com[None, :], other=0.0)
+            if UPCAST:  # bf16 in Triton's interpreter (no bf16 matmul there): exact products in fp32
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            elif IEEE:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             acc += tl.load(b_ptr + co, mask=com, other=0.0).to(tl.float32)[None, :]
         tl.store(z_ptr + n * szn + co[None, :] * szc + oh[:, None] * szh + ow[:, None] * szw,
@@ -246,8 +248,10 @@ if triton is not None:
 
 
 def _conv_blocks(tile: int, cin: int, cout: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K). SD1.5 at tile 8: 64 pixels x 64 output channels, 64 input
-    channels per step of the K loop (inside a static loop over the 9 taps)."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K). SD1.5 at tile 8 in fp16: 64 pixels x 64 output channels, 64
+    input channels per step of the (tap, channel block) loop: 16 KiB of operands per pipeline
+    stage (compiled for sm_90: wgmma, both operands loaded by cp.async with channels_last
+    tensors). fp32 (exact, no tensor-core TF32): 32 KiB per stage, two stages."""
     block_m = max(16, min(128, triton.next_power_of_2(tile * tile)))
     block_n = max(16, min(64, triton.next_power_of_2(cout)))
     block_k = max(16, min(64, triton.next_power_of_2(cin)))
@@ -312,6 +316,11 @@ def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, pad
     launch = launch or (lambda k: k)
     active = _launch_gate(x, x_ref, tile, threshold, launch)
     affected = torch.empty((n, 1, th, tw), dtype=torch.bool, device=x.device)
+    # The kernel reads (Cin x Cout) weight blocks per tap: input channels must be contiguous for
+    # vector loads, as in a channels_last weight (Cout, kh, kw, Cin). A contiguous 3x3 weight is
+    # rearranged here, one copy per call (1x1 weights are both already).
+    if not weight.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
     block_m, block_n, block_k = _conv_blocks(tile, c, co)
     mchunks = triton.cdiv(tile * tile, block_m)
     launch(_skip_conv_kernel)[(n * th * tw * mchunks, triton.cdiv(co, block_n))](
@@ -320,5 +329,6 @@ def skip_conv_triton(x, x_ref, z, weight, bias, tile: int, threshold: float, pad
         TILE=tile, KS=ks, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         UPCAST=x.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4,
+        num_stages=2 if x.dtype == torch.float32 else 3,
     )
     return z, x_ref, active, affected

@@ -191,12 +191,13 @@ def test_op_equals_the_direct_function_and_torch_backend_is_out_of_place():
 
 
 def test_patched_unet_triton_matches_torch_backend():
-    # every ResNet conv1/conv2 gated; one dense keyframe, then two gated steps. The other fused ops
-    # run in the interpreter too: a one-level, one-layer-per-block UNet (5 ResNets), batch 1, 8x8.
+    # every ResNet conv1/conv2 gated; one dense keyframe, then two gated steps (the second reads the
+    # state the first updated in place). The other fused ops run in the interpreter too: a one-level,
+    # one-layer-per-block UNet (5 ResNets, 4 norm groups), batch 1, 8x8 latents.
     outs, fractions = {}, {}
     for backend in ("torch", "triton"):
         unet = sd_unet(layers_per_block=1, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                       up_block_types=("CrossAttnUpBlock2D",)).to(DEVICE)
+                       up_block_types=("CrossAttnUpBlock2D",), norm_num_groups=4).to(DEVICE)
         sample, ehs, _ = sd_inputs(unet, batch=1, size=8)
         sample, ehs = sample.to(DEVICE), ehs.to(DEVICE)
         handle = frkern.patch(unet, frkern.SkipConv(0.1, tile=4), backend=backend)
