@@ -4,10 +4,17 @@ One logit per step after the first (step 0 is always a keyframe), shared by all 
 sampler runs with every unit computed fresh and blended with its value from the previous step,
     value_t = a_t * fresh_t + (1 - a_t) * value_{t-1},    a_t = round(sigmoid(g_t)) forward,
 with the straight-through gradient of sigmoid backward, so a_t = 0 is exactly feature reuse from
-the last keyframe and a_t = 1 a keyframe. Loss: MSE(final sample, full-compute sample from the same
-noise and conditioning) + w * sum_t relu(2 sigmoid(g_t) - 1). The model is frozen and in eval mode;
-calibration is data-free (the caller draws conditioning and noise); every step is checkpointed, so
-memory holds one step's activations plus the cached features of each step.
+the last keyframe and a_t = 1 a keyframe. With jumps=True a second logit per step chooses, on
+non-keyframes, between feature reuse (b_t = 1) and a reduced-NFE jump (b_t = 0: the last keyframe's
+output, as score mixing's lambda = 0 steps do):
+    eps_t = (a_t + (1 - a_t) b_t) * net_t + (1 - a_t)(1 - b_t) * eps_key,
+    eps_key <- a_t * net_t + (1 - a_t) * eps_key.
+Loss (scale-free): MSE(final sample, full-compute sample from the same noise and conditioning) /
+mean(full-compute sample^2) + w * (sum_t relu(2 sigmoid(g_t) - 1) + fr_cost * sum_t (1 - a_t)
+relu(2 sigmoid(f_t) - 1)), fr_cost = the cost of a reuse step relative to a full one. The kept
+result is the best iterate (lowest loss of its hard gates), not the last. The model is frozen and in
+eval mode; calibration is data-free (the caller draws conditioning and noise); every step is
+checkpointed, so memory holds one step's activations plus the cached features of each step.
 """
 from __future__ import annotations
 
@@ -28,12 +35,15 @@ Conditions = Callable[[torch.Generator], tuple]
 
 @dataclasses.dataclass
 class SearchResult:
-    policy: Keyframes
-    gate_probs: list[float]  # sigmoid(g_t) for steps 1..N-1
+    policy: Keyframes  # the best iterate's
+    gate_probs: list[float]  # sigmoid(g_t) for steps 1..N-1, at the end
     history: list[dict]
+    reuse_probs: list[float] = dataclasses.field(default_factory=list)  # sigmoid(f_t) with jumps
+    best_iter: int = -1
 
     def to_json(self) -> str:
         return json.dumps({"policy": json.loads(self.policy.to_json()), "gate_probs": self.gate_probs,
+                           "reuse_probs": self.reuse_probs, "best_iter": self.best_iter,
                            "history": self.history}, indent=1)
 
 
@@ -80,13 +90,15 @@ def sample_full(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance):
     return x
 
 
-def sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance, gates, use_checkpoint=True):
-    """The gated sampler; gates[i - 1] is a_i (0-dim tensors); step 0 is computed in full."""
+def sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance, gates, use_checkpoint=True,
+                 reuse_gates=None):
+    """The gated sampler; gates[i - 1] is a_i (0-dim tensors); step 0 is computed in full.
+    reuse_gates[i - 1] (optional) is b_i: on a non-keyframe, 1 = feature reuse, 0 = jump."""
     rt = handle.runtime
     sch = _ddim(scheduler_factory, steps, noise.device)
     keys: list[str] = []
 
-    def step_fn(i, t, x, gate, *prev_values):
+    def step_fn(i, t, x, gate, reuse, eps_key, *prev_values):
         blend = GatedBlend(gate, dict(zip(keys, prev_values)))
         rt.mode = blend
         try:
@@ -96,19 +108,25 @@ def sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance,
         new = blend.new
         if not keys:
             keys.extend(new)
+        if eps_key is None:
+            eps_key = eps
+        elif reuse is not None:
+            eps, eps_key = (gate + (1 - gate) * reuse) * eps + (1 - gate) * (1 - reuse) * eps_key, \
+                gate * eps + (1 - gate) * eps_key
         u, c = eps.chunk(2)
         x_next = sch.step(u + guidance * (c - u), t, x).prev_sample
-        return (x_next, *[new[k] for k in keys])
+        return (x_next, eps_key, *[new[k] for k in keys])
 
-    x, prev = noise, ()
+    x, eps_key, prev = noise, None, ()
     one = torch.ones((), device=noise.device)
     for i, t in enumerate(sch.timesteps):
         gate = one if i == 0 else gates[i - 1]
+        reuse = None if reuse_gates is None or i == 0 else reuse_gates[i - 1]
         if use_checkpoint and i > 0:
-            out = checkpoint(step_fn, i, t, x, gate, *prev, use_reentrant=False)
+            out = checkpoint(step_fn, i, t, x, gate, reuse, eps_key, *prev, use_reentrant=False)
         else:
-            out = step_fn(i, t, x, gate, *prev)
-        x, prev = out[0], out[1:]
+            out = step_fn(i, t, x, gate, reuse, eps_key, *prev)
+        x, eps_key, prev = out[0], out[1], out[2:]
     return x
 
 
@@ -126,24 +144,32 @@ def search(
     seed: int = 0,
     use_checkpoint: bool = True,
     progress: bool = True,
+    jumps: bool = False,
+    fr_cost: float = 0.33,
 ) -> SearchResult:
     """Search a keyframe set for `unet` (a UNet2DConditionModel, not patched).
 
     conditions(generator) draws one calibration batch: (noise, ehs = [uncond; cond], unet kwargs).
     scheduler_factory() returns a fresh deterministic scheduler (e.g. DDIM, eta 0).
+    jumps: also choose, per non-keyframe step, feature reuse or a reduced-NFE jump; fr_cost: a
+    feature-reuse step's cost relative to a full one (the tiny model: 0.72 / 2.15 GFLOP).
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
     if iters < 1 or lr <= 0 or penalty < 0:
         raise ValueError(f"need iters >= 1, lr > 0, penalty >= 0 (got {iters}, {lr}, {penalty})")
+    if not 0 <= fr_cost <= 1:
+        raise ValueError(f"fr_cost must lie in [0, 1] (a reuse step's cost relative to a full step), got {fr_cost}")
     was_training = unet.training
     requires = [p.requires_grad for p in unet.parameters()]
     unet.eval().requires_grad_(False)
     handle = patch(unet, FRDiff(interval=1, score_mix=False), backend="torch")
     device = next(unet.parameters()).device
     logits = torch.full((steps - 1,), float(init), device=device, requires_grad=True)
-    opt = torch.optim.Adam([logits], lr=lr)
+    reuse_logits = torch.full((steps - 1,), 1.0, device=device, requires_grad=True) if jumps else None
+    opt = torch.optim.Adam([logits] + ([reuse_logits] if jumps else []), lr=lr)
     history = []
+    best = (float("inf"), -1, None)  # (loss of the hard gates, iteration, policy)
     it = range(iters)
     if progress:
         from tqdm import tqdm
@@ -155,22 +181,35 @@ def search(
             noise, ehs, kwargs = conditions(g)
             x_ref = sample_full(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance)
             gates = straight_through(logits)
-            x = sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance, gates, use_checkpoint)
-            mse = torch.nn.functional.mse_loss(x.float(), x_ref.float())
+            reuse = straight_through(reuse_logits) if jumps else None
+            x = sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance, gates, use_checkpoint,
+                             reuse_gates=reuse)
+            # scale-free: relative to the reference sample's mean square
+            mse = torch.nn.functional.mse_loss(x.float(), x_ref.float()) / x_ref.float().pow(2).mean()
             pen = gate_penalty(logits)
+            if jumps:
+                pen = pen + fr_cost * ((1 - gates) * torch.relu(2 * torch.sigmoid(reuse_logits) - 1)).sum()
             loss = mse + penalty * pen
+            # the hard gates this iteration ran with, and their loss (what the policy would score)
+            key_steps = [0] + [i + 1 for i, a in enumerate(gates.detach().tolist()) if a >= 0.5]
+            jump_steps = [i + 1 for i, b in enumerate(reuse.detach().tolist())
+                          if b < 0.5 and i + 1 not in key_steps] if jumps else []
+            hard = mse.item() + penalty * ((len(key_steps) - 1) + fr_cost * (steps - len(key_steps) - len(jump_steps))
+                                           * jumps)
+            if hard < best[0]:
+                best = (hard, k, Keyframes(keyframes=tuple(key_steps), num_steps=steps, jumps=tuple(jump_steps)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            n_key = 1 + int((torch.sigmoid(logits.detach()) >= 0.5).sum())
-            history.append({"iter": k, "mse": mse.item(), "penalty": pen.item(), "keyframes": n_key})
+            history.append({"iter": k, "rel_mse": mse.item(), "penalty": pen.item(), "keyframes": len(key_steps),
+                            "jumps": len(jump_steps), "hard_loss": hard})
             if progress:
-                it.set_postfix(mse=f"{mse.item():.2e}", keyframes=n_key)
+                it.set_postfix(rel_mse=f"{mse.item():.2e}", keyframes=len(key_steps), jumps=len(jump_steps))
     finally:
         unpatch(unet)
         for p, r in zip(unet.parameters(), requires):
             p.requires_grad_(r)
         unet.train(was_training)
     probs = torch.sigmoid(logits.detach()).tolist()
-    keyframes = (0,) + tuple(i + 1 for i, p in enumerate(probs) if p >= 0.5)
-    return SearchResult(Keyframes(keyframes=keyframes, num_steps=steps), probs, history)
+    reuse_probs = torch.sigmoid(reuse_logits.detach()).tolist() if jumps else []
+    return SearchResult(best[2], probs, history, reuse_probs, best[1])

@@ -142,38 +142,45 @@ class FRDiff(Policy):
 class Keyframes(Policy):
     """Feature reuse with an explicit keyframe set (what Auto-FR searches for).
 
-    Steps listed in `keyframes` (and step 0, always) are full; the others reuse units as FRDiff does.
-    Steps beyond `num_steps` the set was searched for are keyframes (never a silent stale read).
+    Steps listed in `keyframes` (and step 0, always) are full; steps in `jumps` return the last
+    keyframe's output without running the network (reduced-NFE steps); the others reuse units as
+    FRDiff does. Steps beyond `num_steps` the set was searched for are keyframes (never a silent
+    stale read).
     """
 
     keyframes: tuple[int, ...] = (0,)
     num_steps: int = 0  # the step count the set was made for; 0 = any
     score_mix: bool = False
     bias: float = 0.5
+    jumps: tuple[int, ...] = ()
 
     name: ClassVar[str] = "Keyframes"
     cached_parts: ClassVar[str] = "units"
 
     def __post_init__(self):
-        if isinstance(self.keyframes, (str, bytes)) or not hasattr(self.keyframes, "__iter__"):
-            raise ValueError(
-                f"Keyframes: keyframes must be a sequence of step indices (e.g. (0, 5, 12)), got {self.keyframes!r}"
-            )
-        ks = tuple(self.keyframes)
-        for k in ks:
-            _check_int("each keyframe", k, 0, "Keyframes")
-        object.__setattr__(self, "keyframes", tuple(sorted(set(ks) | {0})))
+        for field in ("keyframes", "jumps"):
+            value = getattr(self, field)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                raise ValueError(
+                    f"Keyframes: {field} must be a sequence of step indices (e.g. (0, 5, 12)), got {value!r}"
+                )
+            for k in value:
+                _check_int("each keyframe" if field == "keyframes" else "each jump", k, 0, "Keyframes")
+        object.__setattr__(self, "keyframes", tuple(sorted(set(self.keyframes) | {0})))
+        object.__setattr__(self, "jumps", tuple(sorted(set(self.jumps))))
         _check_int("num_steps", self.num_steps, 0, "Keyframes")
         _check_bool("score_mix", self.score_mix, "Keyframes")
         _check_bias(self.bias, "Keyframes")
-        if self.num_steps and self.keyframes[-1] >= self.num_steps:
-            raise ValueError(
-                f"Keyframes: keyframe {self.keyframes[-1]} is outside 0..{self.num_steps - 1}"
-            )
+        both = set(self.keyframes) & set(self.jumps)
+        if both:
+            raise ValueError(f"Keyframes: steps {sorted(both)} are both keyframes and jumps")
+        last = max(self.keyframes + self.jumps)
+        if self.num_steps and last >= self.num_steps:
+            raise ValueError(f"Keyframes: step {last} is outside 0..{self.num_steps - 1}")
 
     @property
     def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
-        return self.score_mix
+        return self.score_mix or bool(self.jumps)
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)
@@ -183,6 +190,8 @@ class Keyframes(Policy):
             )
         if step >= num_steps or step in self.keyframes:
             return FULL
+        if step in self.jumps:
+            return StepPlan(keyframe=False, mix=0.0)
         mix = score_mix_lambda(step, num_steps, self.bias) if self.score_mix else 1.0
         return StepPlan(keyframe=False, mix=mix)
 
@@ -364,10 +373,11 @@ def policy_from_dict(data: dict) -> Policy:
     unknown = set(args) - fields
     if unknown:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
-    if "keyframes" in args:
-        if not isinstance(args["keyframes"], list):
-            raise ValueError(f"{kind}: keyframes must be a JSON list of ints, got {args['keyframes']!r}")
-        args["keyframes"] = tuple(args["keyframes"])
+    for field in ("keyframes", "jumps"):
+        if field in args:
+            if not isinstance(args[field], list):
+                raise ValueError(f"{kind}: {field} must be a JSON list of ints, got {args[field]!r}")
+            args[field] = tuple(args[field])
     if "poly" in args:
         if not isinstance(args["poly"], list):
             raise ValueError(f"{kind}: poly must be a JSON list of numbers, got {args['poly']!r}")

@@ -108,3 +108,44 @@ def test_bad_policy_files(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         frkern.load_policy(path)
+
+
+def test_gated_sampler_with_jumps_equals_the_keyframes_policy_with_jumps():
+    """a = (0, 1, 0), b = (0, -, 1): step 1 is a jump (the keyframe's output), step 2 a keyframe,
+    step 3 feature reuse; the runtime's Keyframes(jumps=...) runs the same schedule."""
+    unet = sd_unet()
+    noise, ehs, kw = conditions(unet)(torch.Generator().manual_seed(3))
+    handle = frkern.patch(unet, frkern.FRDiff(interval=1, score_mix=False), backend="torch")
+    one, zero = torch.tensor(1.0), torch.tensor(0.0)
+    with torch.no_grad():
+        x = autofr.sample_gated(handle, ddim, noise, ehs, kw, STEPS, 3.0, [zero, one, zero], use_checkpoint=False,
+                                reuse_gates=[zero, one, one])
+    frkern.unpatch(unet)
+
+    policy = frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(1,))
+    handle = frkern.patch(unet, policy, backend="torch")
+    handle.begin(STEPS)
+    sch = ddim()
+    sch.set_timesteps(STEPS)
+    xr = noise
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            handle.set_step(i)
+            eps = unet(torch.cat([xr, xr]), t, ehs).sample
+            u, c = eps.chunk(2)
+            xr = sch.step(u + 3.0 * (c - u), t, xr).prev_sample
+    assert handle.stats == {"full": 2, "skip": 1, "reuse": 1}
+    torch.testing.assert_close(x, xr, rtol=1e-5, atol=1e-6)
+
+
+def test_search_with_jumps_keeps_the_best_iterate():
+    unet = sd_unet()
+    res = autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=4, lr=0.5, penalty=0.05, seed=2,
+                        jumps=True, progress=False)
+    best = min(range(4), key=lambda k: res.history[k]["hard_loss"])
+    assert res.best_iter == best
+    h = res.history[best]
+    assert len(res.policy.keyframes) == h["keyframes"] and len(res.policy.jumps) == h["jumps"]
+    assert len(res.reuse_probs) == STEPS - 1 and frkern.from_json(res.policy.to_json()) == res.policy
+    with pytest.raises(ValueError, match="both keyframes and jumps"):
+        frkern.Keyframes(keyframes=(0, 2), jumps=(2,))
