@@ -146,6 +146,9 @@ def parser():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     ap.add_argument("--autofr", nargs="*", default=[COMMITTED_RESULTS],
                     help="folders whose autofr_*.policy.json (bench/autofr_search.py) are evaluated as Auto-FR rows")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only the methods whose family or label contains one of these strings and merge them "
+                         "into the existing quality_tiny.json in --out (the other rows are kept as they were)")
     add_out(ap, "quality_tiny.json, .md and .png")
     return ap
 
@@ -187,8 +190,17 @@ def main(argv=None):
 
     ref, _, _, _ = generate(None, args.steps)
     ref01 = to01(ref)
-    rows = []
+    rows, kept = [], {}
+    if args.only is not None:
+        with open(os.path.join(args.out, "quality_tiny.json")) as f:
+            previous = json.load(f)
+        kept = {r["method"]: r for r in previous["rows"]}
+        args.kept_from = previous["meta"]
     for family, label, policy, steps, *sampler in methods(args.steps, args.autofr):
+        if args.only is not None and not any(s in family or s in label for s in args.only):
+            if label in kept:
+                rows.append(kept[label])
+            continue
         x, secs, flops, stats = generate(policy, steps, *sampler)
         img = to01(x)
         psnr = [peak_signal_noise_ratio(r, g, data_range=1.0) for r, g in zip(ref01, img)]
@@ -219,6 +231,8 @@ def write(rows, args):
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
             "diffusers": diffusers.__version__, "reference": f"DDIM-{args.steps}, guidance {args.guidance}",
             "images": len(rows) and args.per_class * 8, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    if getattr(args, "kept_from", None):  # --only: the other rows are those of an earlier run
+        meta["other_rows_from"] = {k: args.kept_from.get(k) for k in ("command", "date", "torch", "diffusers")}
     stem = os.path.join(args.out, "quality_tiny")
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
