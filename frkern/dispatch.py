@@ -20,6 +20,7 @@ from .cache import signature
 from .family import Call, ModelFamily
 from .graphs import GraphRunner
 from .adaptive import AdaptiveGate, ProbedModule, run_probe
+from .clockwork import AdaptedSegment, TappedSegment, _Tap
 from .policies import Adaptive, NoReuse, Policy
 from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
@@ -292,6 +293,12 @@ class Handle:
         return self.family.wrap_output(out, return_dict)
 
 
+def _check_adaptor_steps(config, num_steps: int) -> None:
+    if num_steps != config.num_steps:
+        raise ValueError(f"frkern: the Clockwork adaptor was trained for {config.num_steps} steps "
+                         f"({config.sampler}), this generation has {num_steps}")
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
     # Its own frame, so a compiled model compiles it (torch.compile(fullgraph=True) refuses a call
     # that compiles nothing).
@@ -339,6 +346,14 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     segment_paths = family.segment_paths(model, policy) if policy.cached_parts == "segment" else []
     for p in segment_paths:
         model.get_submodule(p)  # every path must exist before anything changes
+    adaptor, adapted = None, ()
+    if getattr(policy, "adaptor", ""):
+        from .adaptor import load_adaptor
+        from .clockwork import adaptor_fit
+
+        param = next(model.parameters())
+        adaptor = load_adaptor(policy.adaptor, device=param.device, dtype=param.dtype)
+        adapted = adaptor_fit(model, policy, adaptor)
     gated_paths = family.gated_conv_paths(model) if policy.cached_parts == "gated_conv" else []
     probed_paths, gate_path = family.adaptive_gate(model, policy) if isinstance(policy, Adaptive) else ([], None)
     bad = [f"{p} ({model.get_submodule(p)})" for p in gated_paths if not gated_conv_supported(model.get_submodule(p))]
@@ -357,8 +372,17 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
         if not cache_unit and not wrapper_cls.swap_when_not_cached:
             continue
         handle._swaps.append(_swap(model, name, wrapper_cls(module, rt, name, cache_unit, backend)))
+    tap = _Tap()
     for path in segment_paths:
-        handle._swaps.append(_swap(model, path, CachedSegment(model.get_submodule(path), rt, path, True, backend)))
+        module = model.get_submodule(path)
+        if path in adapted:
+            wrapper = (TappedSegment(module, rt, path, True, backend, tap) if path == adapted[0]
+                       else AdaptedSegment(module, rt, path, True, backend, tap, adaptor))
+        else:
+            wrapper = CachedSegment(module, rt, path, True, backend)
+        handle._swaps.append(_swap(model, path, wrapper))
+    if adaptor is not None:
+        rt.begin_checks.append(partial(_check_adaptor_steps, adaptor.config))
     for path in gated_paths:
         handle._gated.append(GatedConv2d(model.get_submodule(path), rt, path, True, backend))
         handle._swaps.append(_swap(model, path, handle._gated[-1]))

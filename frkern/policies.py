@@ -198,15 +198,17 @@ class Keyframes(Policy):
 
 @dataclass(frozen=True)
 class Clockwork(Policy):
-    """Clockwork Diffusion with the identity adaptor (Habibian et al., 2024).
+    """Clockwork Diffusion (Habibian et al., 2024).
 
     A full pass every `clock` steps; other steps run only the outer `levels` resolution levels
     (conv_in, down_blocks[:levels], up_blocks[-levels:], conv_out) and reuse the cached input of
-    up_blocks[-levels].
+    up_blocks[-levels] (the identity adaptor), or, with `adaptor` (the path of an adaptor trained
+    by bench/train_clockwork_adaptor.py, frkern.adaptor), the adaptor's prediction of it.
     """
 
     clock: int = 2
     levels: int = 1
+    adaptor: str = ""
 
     name: ClassVar[str] = "Clockwork"
     cached_parts: ClassVar[str] = "segment"
@@ -214,6 +216,8 @@ class Clockwork(Policy):
     def __post_init__(self):
         _check_int("clock", self.clock, 1, "Clockwork")
         _check_int("levels", self.levels, 1, "Clockwork")
+        if not isinstance(self.adaptor, str):
+            raise ValueError(f"Clockwork: adaptor must be the path of a saved adaptor (a string), got {self.adaptor!r}")
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)

@@ -83,7 +83,10 @@ class Runtime:
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
         self.stats: collections.Counter = collections.Counter()
-        self.stateful_units: set[str] = set()  # units whose state moves on in reuse calls
+        self.stateful_units: set[str] = set()
+        # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
+        # another step count refuses it before anything runs)
+        self.begin_checks: list = []  # units whose state moves on in reuse calls
         # Per-step device scalars about what units did (SkipConv: fraction of active tiles), read
         # on the host only when someone asks (Handle.stats).
         self.measures: dict[str, dict[int, torch.Tensor]] = collections.defaultdict(dict)
@@ -93,6 +96,7 @@ class Runtime:
         import copy
 
         new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo))
+        new.begin_checks = list(self.begin_checks)
         memo[id(self)] = new
         return new
 
@@ -110,6 +114,8 @@ class Runtime:
         there, and policies plan by position in the whole schedule."""
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        for check in self.begin_checks:
+            check(num_steps)
         self.cache.new_generation()
         self.watch.refresh()
         self._key_sigs.clear()

@@ -1,0 +1,76 @@
+"""Clockwork's learned adaptor in the patched UNet (the adaptor itself: frkern.adaptor).
+
+On a clocked (reuse) call the Clockwork cut's first cached module, the outer level's downsampler,
+still receives r_in (it is not run); the cut's last cached module, the up block whose output is
+r_out, returns the adaptor's prediction from r_in, its cached r_out, the time embedding and the text
+instead of the cached r_out itself (the identity adaptor). Keyframes are unchanged. Everything
+stays inside the network, so CUDA graphs and torch.compile capture the adaptor too.
+"""
+from __future__ import annotations
+
+from .cache import signature
+from .units import CachedSegment, _primary_input
+
+
+class _Tap:
+    """r_in of the current call, handed from the downsampler to the adapted up block."""
+
+    r_in = None
+
+
+class TappedSegment(CachedSegment):
+    """The cut's first cached module: cached as usual, and its input recorded as r_in."""
+
+    def __init__(self, original, runtime, unit, cache_unit, backend, tap: _Tap):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        object.__setattr__(self, "tap", tap)
+
+    def forward(self, *args, **kwargs):
+        self.tap.r_in = _primary_input(args, kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class AdaptedSegment(CachedSegment):
+    """The up block whose output is r_out: on reuse calls, adaptor(r_in, cached r_out, temb, text)."""
+
+    def __init__(self, original, runtime, unit, cache_unit, backend, tap: _Tap, adaptor):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        object.__setattr__(self, "tap", tap)
+        object.__setattr__(self, "adaptor", adaptor)  # not a submodule: the state dict stays the UNet's
+
+    def forward(self, *args, **kwargs):
+        def adapted(r_out):
+            r_in, self.tap.r_in = self.tap.r_in, None
+            return self.adaptor(r_in, r_out, kwargs["temb"], kwargs["encoder_hidden_states"])
+
+        def compute():
+            out = self.original(*args, **kwargs)
+            return out, out  # (output, state): the cached state is r_out itself
+
+        return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=adapted)
+
+
+def adaptor_fit(unet, policy, adaptor) -> tuple[str, str]:
+    """(first cached path, adapted path) of `policy`'s cut on `unet` after checking that `adaptor`
+    fits them (channels, widths, levels, clock, model); a clear ValueError otherwise."""
+    from .adaptor import check_adaptor, model_fingerprint
+
+    levels = policy.levels
+    n = len(unet.down_blocks)
+    down = unet.down_blocks[levels - 1]
+    up_index = n - 1 - levels
+    up = unet.up_blocks[up_index]
+    if not getattr(down, "downsamplers", None):
+        raise ValueError(f"Clockwork adaptor: down_blocks[{levels - 1}] has no downsampler to take r_in from")
+    if not getattr(up, "has_cross_attention", False):
+        raise ValueError(f"Clockwork adaptor: up_blocks[{up_index}] ({type(up).__name__}) gets no text "
+                         "(a cross-attention up block is needed there)")
+    r_in_channels = down.resnets[-1].out_channels
+    r_out_channels = up.resnets[-1].out_channels
+    # r_in sits at down_blocks[levels-1]'s resolution; r_out at up_blocks[up_index]'s output, which
+    # is upsampled to the same resolution when the block has an upsampler
+    stride = 1 if getattr(up, "upsamplers", None) else 2
+    check_adaptor(adaptor, in_channels=r_in_channels, out_channels=r_out_channels, stride=stride,
+                  temb_dim=unet.time_embedding.linear_2.out_features, text_dim=unet.config.cross_attention_dim,
+                  levels=levels, clock=policy.clock, model=model_fingerprint(dict(unet.config)))
+    return f"down_blocks.{levels - 1}.downsamplers.0", f"up_blocks.{up_index}"
