@@ -170,8 +170,8 @@ if triton is not None:
         active = tl.sum(change, axis=0) / npix > threshold * scale
         if split == 0:
             tl.store(act_ptr + pid, active)
+        n64 = n.to(tl.int64)
         if active:  # x_ref takes x on this tile (this program's channel chunk)
-            n = n.to(tl.int64)
             cl = tl.arange(0, BLOCK_C)
             for p0 in range(0, TILE * TILE, BLOCK_P):
                 p = p0 + tl.arange(0, BLOCK_P)
@@ -181,8 +181,8 @@ if triton is not None:
                 for c0 in range(split * CHUNK_C, tl.minimum(C, (split + 1) * CHUNK_C), BLOCK_C):
                     c = c0 + cl
                     m = (c < C)[:, None] & pm[None, :]
-                    xv = tl.load(x_ptr + n * sxn + c[:, None] * sxc + h[None, :] * sxh + w[None, :] * sxw, mask=m)
-                    tl.store(r_ptr + n * srn + c[:, None] * src + h[None, :] * srh + w[None, :] * srw, xv, mask=m)
+                    xv = tl.load(x_ptr + n64 * sxn + c[:, None] * sxc + h[None, :] * sxh + w[None, :] * sxw, mask=m)
+                    tl.store(r_ptr + n64 * srn + c[:, None] * src + h[None, :] * srh + w[None, :] * srw, xv, mask=m)
 
     @triton.jit
     def _skip_conv_kernel(
