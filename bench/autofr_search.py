@@ -32,6 +32,10 @@ def parser():
     ap.add_argument("--batch", type=int, default=4, help="calibration images per iteration (random labels)")
     ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     ap.add_argument("--seed", type=int, default=0, help="seed of the calibration noise and labels")
+    ap.add_argument("--jumps", action="store_true",
+                    help="also choose per non-keyframe step between feature reuse and a reduced-NFE jump")
+    ap.add_argument("--fr-cost", type=float, default=0.33,
+                    help="cost of a feature-reuse step relative to a full one, in the penalty (tiny model: 0.72 / 2.15 GFLOP)")
     ap.add_argument("--tag", default=None, help="name of the result files (default: tiny_<steps>steps_w<penalty>)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add_out(ap, "the policy and the search log")
@@ -53,9 +57,10 @@ def main(argv=None):
 
     t0 = time.time()
     res = autofr.search(unet, conditions, ddim_scheduler, steps=args.steps, iters=args.iters, lr=args.lr,
-                        penalty=args.penalty, guidance=args.guidance, seed=args.seed)
+                        penalty=args.penalty, guidance=args.guidance, seed=args.seed, jumps=args.jumps,
+                        fr_cost=args.fr_cost)
     wall = time.time() - t0
-    tag = args.tag or f"tiny_{args.steps}steps_w{args.penalty:g}"
+    tag = args.tag or f"tiny_{args.steps}steps_w{args.penalty:g}" + ("_jumps" if args.jumps else "")
     os.makedirs(args.out, exist_ok=True)
     frkern.save_policy(res.policy, os.path.join(args.out, f"autofr_{tag}.policy.json"))
     log = json.loads(res.to_json())
@@ -63,7 +68,8 @@ def main(argv=None):
                device=args.device, torch=torch.__version__)
     with open(os.path.join(args.out, f"autofr_{tag}.log.json"), "w") as f:
         json.dump(log, f, indent=1)
-    print(f"keyframes ({len(res.policy.keyframes)} of {args.steps}): {res.policy.keyframes}; {wall:.0f} s")
+    print(f"keyframes ({len(res.policy.keyframes)} of {args.steps}): {res.policy.keyframes}; jumps {res.policy.jumps}; "
+          f"best iterate {res.best_iter}; {wall:.0f} s")
 
 
 if __name__ == "__main__":

@@ -43,13 +43,27 @@ def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
     out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
     out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
     out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
+    out += [("Clockwork, learned adaptor", f"Clockwork c={c} learned", frkern.Clockwork(c, adaptor=path), ref_steps)
+            for c, path in adaptors("ddim", ref_steps)]
     out += [("SkipConv", f"SkipConv t={t}", frkern.SkipConv(t, tile=4), ref_steps) for t in SKIPCONV_THRESHOLDS]
     out += [("SkipConv + keyframes", f"SkipConv t={t} K=5", frkern.SkipConv(t, tile=4, interval=5), ref_steps)
             for t in SKIPCONV_THRESHOLDS[1:]]
     for path in sorted(p for d in autofr_dirs for p in glob.glob(os.path.join(d, "autofr_*.policy.json"))):
         pol = frkern.load_policy(path)
-        out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key)", pol, pol.num_steps))
+        jumps = f", {len(pol.jumps)} jump" if pol.jumps else ""
+        out.append(("Auto-FR", f"Auto-FR {os.path.basename(path)[7:-12]} ({len(pol.keyframes)} key{jumps})", pol,
+                    pol.num_steps))
     out += adaptive_methods(ref_steps)
+    return out
+
+
+def adaptors(sampler: str, steps: int):
+    """(clock, path) of the committed Clockwork adaptors (bench/train_clockwork_adaptor.py)."""
+    out = []
+    for c in (2, 3, 4):
+        path = os.path.join(COMMITTED_RESULTS, "adaptors", f"clockwork_tiny_{sampler}{steps}_c{c}")
+        if os.path.exists(path + ".safetensors"):
+            out.append((c, path))
     return out
 
 
@@ -75,10 +89,13 @@ def adaptive_methods(ref_steps: int):
         low = [("DPM++ (low step) full", f"DPM++-{n}", None, n),
                ("DPM++ (low step) Clockwork", f"DPM++-{n} Clockwork c=2", frkern.Clockwork(2), n),
                ("DPM++ (low step) Clockwork", f"DPM++-{n} Clockwork c=3", frkern.Clockwork(3), n),
+               ("DPM++ (low step) Clockwork", f"DPM++-{n} Clockwork c=4", frkern.Clockwork(4), n),
                ("DPM++ (low step) DeepCache", f"DPM++-{n} DeepCache N=2", frkern.DeepCache(2, 0), n),
                ("DPM++ (low step) DeepCache", f"DPM++-{n} DeepCache N=3", frkern.DeepCache(3, 0), n)]
         low += [("DPM++ (low step) Adaptive FBC clockwork", f"DPM++-{n} Adaptive FBC clockwork t={t}",
                  frkern.Adaptive(t, reuse="clockwork", rule="first_block", warmup=2, max_reuse=2), n) for t in (0.03, 0.06)]
+        low += [("DPM++ (low step) Clockwork, learned adaptor", f"DPM++-{n} Clockwork c={c} learned",
+                 frkern.Clockwork(c, adaptor=path), n) for c, path in adaptors("dpmpp", n)]
         acc = replace(calibrated("dpmpp", n), warmup=2, max_reuse=2)
         low += [("DPM++ (low step) Adaptive acc clockwork", f"DPM++-{n} Adaptive acc clockwork t={t}",
                  replace(acc, threshold=t), n) for t in (0.05, 0.1)]
