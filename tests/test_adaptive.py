@@ -74,7 +74,6 @@ def gate_module(unet, reuse):
     ("ddim", "clockwork", "first_block", 0.12, (1.0, 0.0), False),
     ("dpm++", "units", "first_block", 0.12, (1.0, 0.0), False),
     ("dpm++", "clockwork", "accumulated", 0.12, (3.0, 0.8, 0.0), False),
-    ("ddim", "units", "accumulated", 0.12, (3.0, 0.8, 0.0), False),
     ("dpm++", "clockwork", "first_block", 0.12, (1.0, 0.0), True),
     ("ddim", "units", "accumulated", 0.12, (3.0, 0.8, 0.0), True),
 ])
@@ -235,7 +234,7 @@ def test_unpatch_restores_every_module():
         assert {n: type(m) for n, m in unet.named_modules()} == before
 
 
-@pytest.mark.parametrize("rule", ["first_block", "accumulated"])
+@pytest.mark.parametrize("rule", ["accumulated"])  # the stateful rule; first_block's state is a plain unit
 def test_cuda_graphs_equal_eager_with_probe_and_resume_graphs(rule):
     from frkern.graphs import EmulatedCapture
 
