@@ -201,11 +201,11 @@ class Runtime:
         self.mode = FULL_MODE if plan.keyframe else REUSE_MODE
         self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
         if not plan.keyframe:
-            self.reads.update(self.cache.slot_view(self.slot))
-            self.reads.pop(EPS_UNIT, None)
+            self.probe_reads()
 
     def probe_reads(self) -> None:
-        """Before a probe: what the indicator is compared with (the slot's cached states)."""
+        """The slot's cached states, readable by the units (a reuse call; a probe compares the
+        indicator with its state)."""
         self.reads.update(self.cache.slot_view(self.slot))
         self.reads.pop(EPS_UNIT, None)
 

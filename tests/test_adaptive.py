@@ -304,6 +304,33 @@ def test_calibration_fits_the_output_change_and_round_trips():
     generate(pipe, prompt, steps=8)
     assert handle.stats["full"] + handle.stats.get("reuse", 0) == 8
     frkern.unpatch(pipe)
+    frkern.patch(pipe, policy)
     with pytest.raises(RuntimeError, match="patched"):
-        frkern.patch(pipe, policy)
         calibrate(pipe, policy, lambda: None)
+
+
+def test_probe_with_a_per_call_lora_scale_stays_exact():
+    """The probe stops the UNet forward by an exception; diffusers must still unscale the LoRA layers,
+    or every later call would run with the scale applied twice."""
+    peft = pytest.importorskip("peft")
+    unet = sd_unet()
+    torch.manual_seed(7)
+    unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv1", "to_q", "proj_in"],
+                                     init_lora_weights=False))
+    fixed = copy.deepcopy(unet)
+    sample, ehs, _ = sd_inputs(unet, batch=2)
+    lora = {"cross_attention_kwargs": {"scale": 0.5}}
+    with torch.no_grad():
+        plain = unet(sample, 500, ehs, **lora).sample
+    handle = frkern.patch(unet, frkern.Adaptive(1e9, reuse="clockwork", max_reuse=2), backend="torch")
+    fixed_handle = frkern.patch(fixed, frkern.Clockwork(3), backend="torch")
+    handle.begin(6), fixed_handle.begin(6)
+    with torch.no_grad():
+        for i in range(6):
+            handle.set_step(i), fixed_handle.set_step(i)
+            x = sample + 0.05 * i
+            assert torch.equal(unet(x, 900 - 100 * i, ehs, **lora).sample, fixed(x, 900 - 100 * i, ehs, **lora).sample), i
+    assert handle.stats["reuse"] == 4
+    frkern.unpatch(unet)
+    with torch.no_grad():
+        assert torch.equal(unet(sample, 500, ehs, **lora).sample, plain)
