@@ -1,6 +1,7 @@
 """Run an Auto-FR search on the trained tiny model and save the policy.
 
     python bench/autofr_search.py --steps 50 --iters 100 --penalty 1e-3
+    python bench/autofr_search.py --jumps --init frsm:3 --penalty 1e-4 --iters 30   # start from FR+SM M=3
 Writes autofr_<tag>.policy.json (load with frkern.load_policy) and autofr_<tag>.log.json (gate
 probabilities, loss history, command, wall time) to bench/results/local/, or to --out (the
 committed searches: --out bench/results, where bench/quality.py looks for them by default).
@@ -36,14 +37,35 @@ def parser():
                     help="also choose per non-keyframe step between feature reuse and a reduced-NFE jump")
     ap.add_argument("--fr-cost", type=float, default=0.33,
                     help="cost of a feature-reuse step relative to a full one, in the penalty (tiny model: 0.72 / 2.15 GFLOP)")
+    ap.add_argument("--init", default="full",
+                    help="starting schedule: full (every step a keyframe), fr:M (FRDiff keyframes every M steps), "
+                         "frsm:M (FRDiff with score mixing, lambda rounded to jump / reuse; needs --jumps), "
+                         "or a policy JSON file")
+    ap.add_argument("--init-logit", type=float, default=1.0,
+                    help="with --init other than full: the starting gates' logits are +-this")
+    ap.add_argument("--no-validate", action="store_true",
+                    help="pick the best iterate on its own training batch instead of a fixed held-out batch")
     ap.add_argument("--tag", default=None, help="name of the result files (default: tiny_<steps>steps_w<penalty>)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     add_out(ap, "the policy and the search log")
     return ap
 
 
+def init_policy(spec: str):
+    """--init's policy, or None for all keyframes."""
+    if spec == "full":
+        return None
+    kind, _, m = spec.partition(":")
+    if kind in ("fr", "frsm") and m.isdigit() and int(m) >= 1:
+        return frkern.FRDiff(int(m), score_mix=kind == "frsm")
+    if os.path.isfile(spec):
+        return frkern.load_policy(spec)
+    raise SystemExit(f"--init: expected full, fr:M, frsm:M (M >= 1) or a policy JSON file, got {spec!r}")
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
+    start = init_policy(args.init)
 
     unet, tokens = load(args.model, device=args.device)
 
@@ -58,7 +80,8 @@ def main(argv=None):
     t0 = time.time()
     res = autofr.search(unet, conditions, ddim_scheduler, steps=args.steps, iters=args.iters, lr=args.lr,
                         penalty=args.penalty, guidance=args.guidance, seed=args.seed, jumps=args.jumps,
-                        fr_cost=args.fr_cost)
+                        fr_cost=args.fr_cost, init_policy=start, init_logit=args.init_logit,
+                        validate=not args.no_validate)
     wall = time.time() - t0
     tag = args.tag or f"tiny_{args.steps}steps_w{args.penalty:g}" + ("_jumps" if args.jumps else "")
     os.makedirs(args.out, exist_ok=True)

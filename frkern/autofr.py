@@ -12,7 +12,10 @@ output, as score mixing's lambda = 0 steps do):
 Loss (scale-free): MSE(final sample, full-compute sample from the same noise and conditioning) /
 mean(full-compute sample^2) + w * (sum_t relu(2 sigmoid(g_t) - 1) + fr_cost * sum_t (1 - a_t)
 relu(2 sigmoid(f_t) - 1)), fr_cost = the cost of a reuse step relative to a full one. The kept
-result is the best iterate (lowest loss of its hard gates), not the last. The model is frozen and in
+result is the best iterate, not the last: the lowest loss of its hard gates on a fixed held-out batch
+(validate=True; each distinct schedule is sampled once there), or on its own training batch. A search
+may start from a fixed schedule (init_policy, e.g. FRDiff with score mixing, its lambda rounded to a
+jump or feature reuse), which is then iterate 0 and so a candidate itself. The model is frozen and in
 eval mode; calibration is data-free (the caller draws conditioning and noise); every step is
 checkpointed, so memory holds one step's activations plus the cached features of each step.
 """
@@ -26,7 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .dispatch import patch, unpatch
-from .policies import FRDiff, Keyframes
+from .policies import FRDiff, Keyframes, Policy
 from .runtime import OFF, UnitMode
 
 # conditions(generator) -> (noise, encoder_hidden_states for the CFG batch [uncond; cond], unet kwargs)
@@ -45,6 +48,28 @@ class SearchResult:
         return json.dumps({"policy": json.loads(self.policy.to_json()), "gate_probs": self.gate_probs,
                            "reuse_probs": self.reuse_probs, "best_iter": self.best_iter,
                            "history": self.history}, indent=1)
+
+
+def hard_schedule(policy: Policy, steps: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(keyframes, jumps) of a feature-reuse policy over `steps` steps, as the gated sampler can run it:
+    plan.keyframe -> keyframe; a score-mixing weight below 1/2 -> jump (its lambda rounded to 0),
+    otherwise feature reuse (rounded to 1)."""
+    if getattr(policy, "cached_parts", None) != "units":
+        raise ValueError(f"Auto-FR can start only from a feature-reuse policy (FRDiff, Keyframes), got {policy!r}")
+    keys, jumps = [], []
+    for step, plan in enumerate(policy.schedule(steps)):
+        if plan.keyframe:
+            keys.append(step)
+        elif plan.mix < 0.5:
+            jumps.append(step)
+    return tuple(keys), tuple(jumps)
+
+
+def hard_loss(rel_mse: float, keyframes, jumps, steps: int, penalty: float, fr_cost: float, with_jumps: bool) -> float:
+    """The search's loss for hard gates: rel. MSE + w * (keyframes after step 0 + fr_cost * reuse steps
+    when jumps are searched) - what the soft penalty is at saturated gates."""
+    reuse = steps - len(keyframes) - len(jumps)
+    return rel_mse + penalty * ((len(keyframes) - 1) + (fr_cost * reuse if with_jumps else 0.0))
 
 
 def straight_through(logits: torch.Tensor) -> torch.Tensor:
@@ -146,6 +171,9 @@ def search(
     progress: bool = True,
     jumps: bool = False,
     fr_cost: float = 0.33,
+    init_policy: Policy | None = None,
+    init_logit: float = 1.0,
+    validate: bool = True,
 ) -> SearchResult:
     """Search a keyframe set for `unet` (a UNet2DConditionModel, not patched).
 
@@ -153,6 +181,9 @@ def search(
     scheduler_factory() returns a fresh deterministic scheduler (e.g. DDIM, eta 0).
     jumps: also choose, per non-keyframe step, feature reuse or a reduced-NFE jump; fr_cost: a
     feature-reuse step's cost relative to a full one (the tiny model: 0.72 / 2.15 GFLOP).
+    init_policy: start from this schedule (hard_schedule), logits +-init_logit; default: every gate
+    at `init` (all keyframes). validate: pick the best iterate on a fixed held-out batch drawn once
+    from seed (not the training batches' stream), else on each iteration's own batch.
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
@@ -160,16 +191,36 @@ def search(
         raise ValueError(f"need iters >= 1, lr > 0, penalty >= 0 (got {iters}, {lr}, {penalty})")
     if not 0 <= fr_cost <= 1:
         raise ValueError(f"fr_cost must lie in [0, 1] (a reuse step's cost relative to a full step), got {fr_cost}")
+    start = None
+    if init_policy is not None:
+        start = hard_schedule(init_policy, steps)
+        if start[1] and not jumps:
+            raise ValueError(f"init_policy {init_policy!r} has jump steps {start[1]}: search with jumps=True")
+        if init_logit <= 0:
+            raise ValueError(f"init_logit must be > 0 (the starting gates' distance from 1/2), got {init_logit}")
     was_training = unet.training
     requires = [p.requires_grad for p in unet.parameters()]
     unet.eval().requires_grad_(False)
     handle = patch(unet, FRDiff(interval=1, score_mix=False), backend="torch")
     device = next(unet.parameters()).device
-    logits = torch.full((steps - 1,), float(init), device=device, requires_grad=True)
-    reuse_logits = torch.full((steps - 1,), 1.0, device=device, requires_grad=True) if jumps else None
+    if start is None:
+        logits = torch.full((steps - 1,), float(init), device=device)
+        reuse_logits = torch.full((steps - 1,), 1.0, device=device)
+    else:
+        on = [1.0 if i in start[0] else -1.0 for i in range(1, steps)]
+        logits = init_logit * torch.tensor(on, device=device)
+        reuse_logits = init_logit * torch.tensor([-1.0 if i in start[1] else 1.0 for i in range(1, steps)],
+                                                 device=device)
+    logits.requires_grad_(True)
+    reuse_logits = reuse_logits.requires_grad_(True) if jumps else None
     opt = torch.optim.Adam([logits] + ([reuse_logits] if jumps else []), lr=lr)
     history = []
     best = (float("inf"), -1, None)  # (loss of the hard gates, iteration, policy)
+    if validate:  # drawn from its own stream, so no training batch repeats it
+        val = conditions(torch.Generator().manual_seed(2**31 - 1 - seed))
+        val_ref = sample_full(handle, scheduler_factory, *val, steps, guidance)
+        val_scale = val_ref.float().pow(2).mean()
+        val_seen: dict = {}  # (keyframes, jumps) -> rel. MSE on the held-out batch
     it = range(iters)
     if progress:
         from tqdm import tqdm
@@ -194,15 +245,27 @@ def search(
             key_steps = [0] + [i + 1 for i, a in enumerate(gates.detach().tolist()) if a >= 0.5]
             jump_steps = [i + 1 for i, b in enumerate(reuse.detach().tolist())
                           if b < 0.5 and i + 1 not in key_steps] if jumps else []
-            hard = mse.item() + penalty * ((len(key_steps) - 1) + fr_cost * (steps - len(key_steps) - len(jump_steps))
-                                           * jumps)
-            if hard < best[0]:
-                best = (hard, k, Keyframes(keyframes=tuple(key_steps), num_steps=steps, jumps=tuple(jump_steps)))
+            hard = hard_loss(mse.item(), key_steps, jump_steps, steps, penalty, fr_cost, jumps)
+            record = {}
+            if validate:
+                sched = (tuple(key_steps), tuple(jump_steps))
+                if sched not in val_seen:
+                    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
+                    a = [one if i in sched[0] else zero for i in range(1, steps)]
+                    b = [zero if i in sched[1] else one for i in range(1, steps)] if jumps else None
+                    with torch.no_grad():
+                        xv = sample_gated(handle, scheduler_factory, *val, steps, guidance, a, False, reuse_gates=b)
+                    val_seen[sched] = (torch.nn.functional.mse_loss(xv.float(), val_ref.float()) / val_scale).item()
+                val_loss = hard_loss(val_seen[sched], key_steps, jump_steps, steps, penalty, fr_cost, jumps)
+                record = {"val_rel_mse": val_seen[sched], "val_loss": val_loss}
+            score = record["val_loss"] if validate else hard
+            if score < best[0]:
+                best = (score, k, Keyframes(keyframes=tuple(key_steps), num_steps=steps, jumps=tuple(jump_steps)))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             history.append({"iter": k, "rel_mse": mse.item(), "penalty": pen.item(), "keyframes": len(key_steps),
-                            "jumps": len(jump_steps), "hard_loss": hard})
+                            "jumps": len(jump_steps), "hard_loss": hard, **record})
             if progress:
                 it.set_postfix(rel_mse=f"{mse.item():.2e}", keyframes=len(key_steps), jumps=len(jump_steps))
     finally:

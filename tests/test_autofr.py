@@ -138,14 +138,91 @@ def test_gated_sampler_with_jumps_equals_the_keyframes_policy_with_jumps():
     torch.testing.assert_close(x, xr, rtol=1e-5, atol=1e-6)
 
 
-def test_search_with_jumps_keeps_the_best_iterate():
+@pytest.mark.parametrize("validate", [False, True])
+def test_search_with_jumps_keeps_the_best_iterate(validate):
     unet = sd_unet()
     res = autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=4, lr=0.5, penalty=0.05, seed=2,
-                        jumps=True, progress=False)
-    best = min(range(4), key=lambda k: res.history[k]["hard_loss"])
+                        jumps=True, progress=False, validate=validate)
+    best = min(range(4), key=lambda k: res.history[k]["val_loss" if validate else "hard_loss"])
     assert res.best_iter == best
     h = res.history[best]
     assert len(res.policy.keyframes) == h["keyframes"] and len(res.policy.jumps) == h["jumps"]
     assert len(res.reuse_probs) == STEPS - 1 and frkern.from_json(res.policy.to_json()) == res.policy
     with pytest.raises(ValueError, match="both keyframes and jumps"):
         frkern.Keyframes(keyframes=(0, 2), jumps=(2,))
+
+
+def test_hard_schedule_of_frdiff_with_score_mixing():
+    """Keyframes every M; non-keyframes jump where FRDiff's lambda (stated here from REFERENCE §1.2:
+    clip((30 (t/N - 1/2) + 2) / 4, 0, 1)) is below 1/2, else reuse."""
+    n, m = 50, 3
+    keys, jumps = autofr.hard_schedule(frkern.FRDiff(m, score_mix=True), n)
+    lam = [min(1.0, max(0.0, (30 * (t / n - 0.5) + 2) / 4)) for t in range(n)]
+    assert keys == tuple(range(0, n, m))
+    assert jumps == tuple(t for t in range(n) if t % m and lam[t] < 0.5)
+    assert autofr.hard_schedule(frkern.FRDiff(m, score_mix=False), n) == (tuple(range(0, n, m)), ())
+    pol = frkern.Keyframes(keyframes=(0, 3), num_steps=6, jumps=(1, 5))
+    assert autofr.hard_schedule(pol, 6) == ((0, 3), (1, 5))
+    with pytest.raises(ValueError, match="feature-reuse policy"):
+        autofr.hard_schedule(frkern.DeepCache(2), n)
+
+
+def _rel_mse_through_the_runtime(unet, policy, noise, ehs):
+    """The policy run by frkern's runtime (not the gated sampler), against full compute."""
+    outs = []
+    for pol in (None, policy):
+        handle = frkern.patch(unet, pol, backend="torch") if pol is not None else None
+        sch = ddim()
+        sch.set_timesteps(STEPS)
+        if handle is not None:
+            handle.begin(STEPS)
+        x = noise
+        with torch.no_grad():
+            for i, t in enumerate(sch.timesteps):
+                if handle is not None:
+                    handle.set_step(i)
+                eps = unet(torch.cat([x, x]), t, ehs).sample
+                u, c = eps.chunk(2)
+                x = sch.step(u + 3.0 * (c - u), t, x).prev_sample
+        if handle is not None:
+            frkern.unpatch(unet)
+        outs.append(x)
+    return (torch.nn.functional.mse_loss(outs[1], outs[0]) / outs[0].pow(2).mean()).item()
+
+
+def test_search_from_a_fixed_schedule_starts_there_and_validates_on_a_held_out_batch():
+    """init_policy is iterate 0 exactly; each iterate's held-out loss is the rel. MSE of its schedule
+    run by the runtime on the held-out batch (seed 2**31 - 1 - seed) plus the cost term."""
+    unet = sd_unet()
+    start = frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(1,))
+    cond = conditions(unet)
+    res = autofr.search(unet, cond, ddim, steps=STEPS, iters=3, lr=0.3, penalty=0.01, seed=5, jumps=True,
+                        init_policy=start, progress=False)
+    h0 = res.history[0]
+    assert (h0["keyframes"], h0["jumps"]) == (2, 1)
+    noise, ehs, _ = cond(torch.Generator().manual_seed(2**31 - 1 - 5))
+    rel = _rel_mse_through_the_runtime(unet, start, noise, ehs)
+    assert rel > 0 and abs(h0["val_rel_mse"] - rel) <= 1e-5 * rel + 1e-9
+    assert h0["val_loss"] == pytest.approx(rel + 0.01 * (1 + 0.33 * 1), rel=1e-5)
+    best = res.history[res.best_iter]
+    assert best["val_loss"] == min(h["val_loss"] for h in res.history)
+    rel_best = _rel_mse_through_the_runtime(unet, res.policy, noise, ehs)
+    assert abs(best["val_rel_mse"] - rel_best) <= 1e-5 * max(rel_best, 1e-6) + 1e-9
+    # a tiny learning rate cannot move gates at +-1: the start comes back
+    still = autofr.search(unet, cond, ddim, steps=STEPS, iters=2, lr=1e-6, penalty=0.01, seed=5, jumps=True,
+                          init_policy=start, progress=False)
+    assert still.policy == start
+
+
+def test_search_refuses_a_bad_start():
+    unet = sd_unet()
+    with pytest.raises(ValueError, match="jumps=True"):
+        autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=1, init_policy=frkern.FRDiff(2, score_mix=True),
+                      progress=False)
+    with pytest.raises(ValueError, match="feature-reuse policy"):
+        autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=1, init_policy=frkern.Clockwork(2),
+                      progress=False)
+    with pytest.raises(ValueError, match="init_logit"):
+        autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=1, init_policy=frkern.FRDiff(2, score_mix=False),
+                      init_logit=0, progress=False)
+    assert getattr(unet, "_frkern_handle", None) is None
