@@ -1,7 +1,7 @@
 """Run an Auto-FR search on the trained tiny model and save the policy.
 
     python bench/autofr_search.py --steps 50 --iters 100 --penalty 1e-3
-    python bench/autofr_search.py --jumps --init frsm:3 --penalty 1e-4 --iters 30   # start from FR+SM M=3
+    python bench/autofr_search.py --jumps --init FRDiff:interval=3 --penalty 5e-4 --iters 30   # from FR+SM M=3
 Writes autofr_<tag>.policy.json (load with frkern.load_policy) and autofr_<tag>.log.json (gate
 probabilities, loss history, command, wall time) to bench/results/local/, or to --out (the
 committed searches: --out bench/results, where bench/quality.py looks for them by default).
@@ -18,6 +18,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from frkern import autofr  # noqa: E402
+from latency import policy_from_spec  # noqa: E402
 from options import add_out  # noqa: E402
 from options import parser as new_parser  # noqa: E402
 from tiny_model import ASSET_DIR, ddim_scheduler, load  # noqa: E402
@@ -38,11 +39,13 @@ def parser():
     ap.add_argument("--fr-cost", type=float, default=0.33,
                     help="cost of a feature-reuse step relative to a full one, in the penalty (tiny model: 0.72 / 2.15 GFLOP)")
     ap.add_argument("--init", default="full",
-                    help="starting schedule: full (every step a keyframe), fr:M (FRDiff keyframes every M steps), "
-                         "frsm:M (FRDiff with score mixing, lambda rounded to jump / reuse; needs --jumps), "
-                         "or a policy JSON file")
+                    help="starting schedule: full (every step a keyframe), a policy spec as latency.py takes "
+                         "(FRDiff:interval=3,bias=1: score mixing's lambda rounded to jump / reuse, needs --jumps; "
+                         "Keyframes:...), or a policy JSON file")
     ap.add_argument("--init-logit", type=float, default=1.0,
                     help="with --init other than full: the starting gates' logits are +-this")
+    ap.add_argument("--val-batch", type=int, default=8,
+                    help="images of the fixed held-out batch that picks the best iterate")
     ap.add_argument("--no-validate", action="store_true",
                     help="pick the best iterate on its own training batch instead of a fixed held-out batch")
     ap.add_argument("--tag", default=None, help="name of the result files (default: tiny_<steps>steps_w<penalty>)")
@@ -55,12 +58,13 @@ def init_policy(spec: str):
     """--init's policy, or None for all keyframes."""
     if spec == "full":
         return None
-    kind, _, m = spec.partition(":")
-    if kind in ("fr", "frsm") and m.isdigit() and int(m) >= 1:
-        return frkern.FRDiff(int(m), score_mix=kind == "frsm")
     if os.path.isfile(spec):
         return frkern.load_policy(spec)
-    raise SystemExit(f"--init: expected full, fr:M, frsm:M (M >= 1) or a policy JSON file, got {spec!r}")
+    try:
+        return policy_from_spec(spec)
+    except ValueError as e:
+        raise SystemExit(f"--init {spec!r}: {e} (expected full, a spec such as FRDiff:interval=3,bias=1, "
+                         f"or a policy JSON file)")
 
 
 def main(argv=None):
@@ -69,9 +73,9 @@ def main(argv=None):
 
     unet, tokens = load(args.model, device=args.device)
 
-    def conditions(g):  # data-free: random labels and noise
-        labels = torch.randint(0, tokens.num_classes, (args.batch,), generator=g)
-        noise = torch.randn(args.batch, 3, 32, 32, generator=g).to(args.device)
+    def conditions(g, batch=args.batch):  # data-free: random labels and noise
+        labels = torch.randint(0, tokens.num_classes, (batch,), generator=g)
+        noise = torch.randn(batch, 3, 32, 32, generator=g).to(args.device)
         with torch.no_grad():
             ehs = torch.cat([tokens(torch.full_like(labels, tokens.num_classes).to(args.device)),
                              tokens(labels.to(args.device))])
@@ -81,7 +85,8 @@ def main(argv=None):
     res = autofr.search(unet, conditions, ddim_scheduler, steps=args.steps, iters=args.iters, lr=args.lr,
                         penalty=args.penalty, guidance=args.guidance, seed=args.seed, jumps=args.jumps,
                         fr_cost=args.fr_cost, init_policy=start, init_logit=args.init_logit,
-                        validate=not args.no_validate)
+                        validate=not args.no_validate,
+                        val_conditions=lambda g: conditions(g, args.val_batch))
     wall = time.time() - t0
     tag = args.tag or f"tiny_{args.steps}steps_w{args.penalty:g}" + ("_jumps" if args.jumps else "")
     os.makedirs(args.out, exist_ok=True)

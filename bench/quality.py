@@ -41,6 +41,10 @@ def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
     out = [("DDIM (reduced NFE)", f"DDIM-{n}", None, n) for n in (10, 13, 17, 20, 25, 30, 40, ref_steps)]
     out += [("FRDiff FR only", f"FR M={m}", frkern.FRDiff(m, score_mix=False), ref_steps) for m in (2, 3, 4, 5)]
     out += [("FRDiff + score mixing", f"FR+SM M={m}", frkern.FRDiff(m, score_mix=True), ref_steps) for m in (2, 3, 4, 5)]
+    # bias 1 puts score mixing's lambda at 0 on nearly every non-keyframe: reduced-NFE jumps, the kind of
+    # schedule the Auto-FR search with jumps converges to here, as a fixed baseline for it
+    out += [("FRDiff + score mixing, bias 1", f"FR+SM M={m} bias 1", frkern.FRDiff(m, score_mix=True, bias=1.0), ref_steps)
+            for m in (2, 3, 4)]
     out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
     out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
     out += [("Clockwork, learned adaptor", f"Clockwork c={c} learned", frkern.Clockwork(c, adaptor=path), ref_steps)

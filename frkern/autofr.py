@@ -174,6 +174,7 @@ def search(
     init_policy: Policy | None = None,
     init_logit: float = 1.0,
     validate: bool = True,
+    val_conditions: Conditions | None = None,
 ) -> SearchResult:
     """Search a keyframe set for `unet` (a UNet2DConditionModel, not patched).
 
@@ -183,7 +184,8 @@ def search(
     feature-reuse step's cost relative to a full one (the tiny model: 0.72 / 2.15 GFLOP).
     init_policy: start from this schedule (hard_schedule), logits +-init_logit; default: every gate
     at `init` (all keyframes). validate: pick the best iterate on a fixed held-out batch drawn once
-    from seed (not the training batches' stream), else on each iteration's own batch.
+    from seed (not the training batches' stream) by val_conditions (default: conditions; a larger
+    batch makes the choice less noisy), else on each iteration's own batch.
     """
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
@@ -217,7 +219,7 @@ def search(
     history = []
     best = (float("inf"), -1, None)  # (loss of the hard gates, iteration, policy)
     if validate:  # drawn from its own stream, so no training batch repeats it
-        val = conditions(torch.Generator().manual_seed(2**31 - 1 - seed))
+        val = (val_conditions or conditions)(torch.Generator().manual_seed(2**31 - 1 - seed))
         val_ref = sample_full(handle, scheduler_factory, *val, steps, guidance)
         val_scale = val_ref.float().pow(2).mean()
         val_seen: dict = {}  # (keyframes, jumps) -> rel. MSE on the held-out batch

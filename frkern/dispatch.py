@@ -135,7 +135,9 @@ class Handle:
     def stats(self) -> dict:
         """Calls of the current generation by kind: full, reuse, skip (no network), promoted
         (a reuse step that had to run in full), untracked (outside any tracked generation); with
-        SkipConv also active_fraction: {step: fraction of input tiles recomputed} (reads the device)."""
+        SkipConv also active_fraction: {step: fraction of input tiles recomputed} (reads the device);
+        Adaptive also indicator: {step: the indicator value}. A step of several calls (CFG run as two
+        calls) shows the largest of them, as a batched call's value is the largest over its images."""
         out = dict(self.runtime.stats)
         for name, by_step in self.runtime.measures.items():
             out[name] = {step: float(v) for step, v in sorted(by_step.items())}
@@ -241,8 +243,7 @@ class Handle:
         if rt.mode == REUSE_MODE and self._gated:
             active = [u.last_active for u in self._gated if u.last_active is not None]
             if active:  # one small device reduction, no host read
-                rt.measures["active_fraction"][rt.step] = (
-                    sum(a.sum() for a in active).float() / sum(a.numel() for a in active))
+                rt.measure("active_fraction", sum(a.sum() for a in active).float() / sum(a.numel() for a in active))
         if rt.mode != COMPUTE_MODE:
             if plan.keyframe:
                 if self.policy.keeps_keyframe_output:
@@ -266,7 +267,7 @@ class Handle:
         else:
             v = run_probe(rt, self.family, self._network, call)
         value = float(v)
-        rt.measures["indicator"][rt.step] = value
+        rt.measure("indicator", value)
         return rt.resolve(plan, self.policy.reuses(value))
 
     @torch.compiler.disable

@@ -91,6 +91,18 @@ class Runtime:
         # on the host only when someone asks (Handle.stats).
         self.measures: dict[str, dict[int, torch.Tensor]] = collections.defaultdict(dict)
 
+    def measure(self, name: str, value) -> None:
+        """Record a per-step measure; a step of several calls (CFG run as two calls) keeps the largest,
+        as one batched call's measure is the largest over its images."""
+        by_step = self.measures[name]
+        prev = by_step.get(self.step)
+        if prev is None:
+            by_step[self.step] = value
+        elif isinstance(value, torch.Tensor):
+            by_step[self.step] = torch.maximum(prev, value)  # stays on the device
+        else:
+            by_step[self.step] = max(prev, value)
+
     # A copy of a patched model gets a runtime of its own: same policy, empty cache.
     def __deepcopy__(self, memo):
         import copy

@@ -334,3 +334,22 @@ def test_probe_with_a_per_call_lora_scale_stays_exact():
     frkern.unpatch(unet)
     with torch.no_grad():
         assert torch.equal(unet(sample, 500, ehs, **lora).sample, plain)
+
+
+def test_a_step_of_two_calls_reports_the_larger_measure():
+    """CFG run as two calls per step: the step's indicator is the larger of the two calls' values
+    (as one batched call reports the largest over its images); device tensors stay on the device."""
+    from frkern.runtime import Runtime
+
+    rt = Runtime(frkern.Adaptive(0.1), torch.nn.Linear(1, 1))
+    rt.step = 3
+    rt.measure("indicator", 0.02)
+    rt.measure("indicator", 0.05)
+    rt.measure("indicator", 0.01)
+    rt.measure("active_fraction", torch.tensor(0.5))
+    rt.measure("active_fraction", torch.tensor(0.25))
+    rt.step = 4
+    rt.measure("indicator", 0.03)
+    assert rt.measures["indicator"] == {3: 0.05, 4: 0.03}
+    frac = rt.measures["active_fraction"][3]
+    assert isinstance(frac, torch.Tensor) and frac.item() == 0.5

@@ -192,15 +192,16 @@ def _rel_mse_through_the_runtime(unet, policy, noise, ehs):
 
 def test_search_from_a_fixed_schedule_starts_there_and_validates_on_a_held_out_batch():
     """init_policy is iterate 0 exactly; each iterate's held-out loss is the rel. MSE of its schedule
-    run by the runtime on the held-out batch (seed 2**31 - 1 - seed) plus the cost term."""
+    run by the runtime on the held-out batch (val_conditions, seed 2**31 - 1 - seed) plus the cost term."""
     unet = sd_unet()
     start = frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(1,))
-    cond = conditions(unet)
+    cond, val_cond = conditions(unet), conditions(unet, batch=2)
     res = autofr.search(unet, cond, ddim, steps=STEPS, iters=3, lr=0.3, penalty=0.01, seed=5, jumps=True,
-                        init_policy=start, progress=False)
+                        init_policy=start, progress=False, val_conditions=val_cond)
     h0 = res.history[0]
     assert (h0["keyframes"], h0["jumps"]) == (2, 1)
-    noise, ehs, _ = cond(torch.Generator().manual_seed(2**31 - 1 - 5))
+    noise, ehs, _ = val_cond(torch.Generator().manual_seed(2**31 - 1 - 5))
+    assert noise.shape[0] == 2
     rel = _rel_mse_through_the_runtime(unet, start, noise, ehs)
     assert rel > 0 and abs(h0["val_rel_mse"] - rel) <= 1e-5 * rel + 1e-9
     assert h0["val_loss"] == pytest.approx(rel + 0.01 * (1 + 0.33 * 1), rel=1e-5)

@@ -238,3 +238,15 @@ def test_progress_bars_need_tqdm_only_when_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # as if not installed: import raises ImportError
     items = [1, 2]
     assert progress(items, "x") is items
+
+
+def test_autofr_search_init_spec():
+    import autofr_search
+
+    import frkern
+
+    assert autofr_search.init_policy("full") is None
+    assert autofr_search.init_policy("FRDiff:interval=3,bias=1") == frkern.FRDiff(3, score_mix=True, bias=1.0)
+    for bad, match in (("FRDiff:interval=0", "interval"), ("Nope:x=1", "Nope"), ("frsm", "expected full")):
+        with pytest.raises(SystemExit, match=match):
+            autofr_search.init_policy(bad)
