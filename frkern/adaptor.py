@@ -297,27 +297,21 @@ def check_adaptor(adaptor_config, *, in_channels: int, out_channels: int, stride
     if not isinstance(adaptor_config, AdaptorConfig):
         raise ValueError(f"check_adaptor: expected an AdaptorConfig or ClockworkAdaptor, got {type(adaptor_config).__name__}")
     c = adaptor_config
-    problems = []
-    if c.in_channels != in_channels:
-        problems.append(f"adaptor expects r_in with {c.in_channels} channels, this UNet gives {in_channels}")
-    if c.out_channels != out_channels:
-        problems.append(f"adaptor expects r_out with {c.out_channels} channels, this UNet gives {out_channels}")
-    if c.stride != stride:
-        problems.append(f"adaptor expects r_in at {c.stride}x r_out's resolution, this UNet gives {stride}x")
-    if c.temb_dim != temb_dim:
-        problems.append(f"adaptor expects a time embedding of width {c.temb_dim}, this UNet gives {temb_dim}")
-    if c.text_dim != text_dim:
-        problems.append(f"adaptor expects text embeddings of width {c.text_dim}, this UNet takes {text_dim}")
-    if c.levels != levels:
-        problems.append(f"adaptor was trained for levels {c.levels}, the policy has levels {levels}")
-    if c.clock != clock:
-        problems.append(f"adaptor was trained for clock {c.clock}, the policy has clock {clock}")
-    if model is not None and c.model != model:
-        problems.append(f"adaptor was trained on UNet model {c.model}, this UNet is {model}")
-    if sampler is not None and c.sampler != sampler:
-        problems.append(f"adaptor was trained for sampler {c.sampler}, the pipeline uses {sampler}")
-    if num_steps is not None and c.num_steps != num_steps:
-        problems.append(f"adaptor was trained for {c.num_steps} steps, this generation has {num_steps}")
+    # (field, what this UNet / policy / generation has (None: not checked), the mismatch in words)
+    expected = [
+        ("in_channels", in_channels, "adaptor expects r_in with {} channels, this UNet gives {}"),
+        ("out_channels", out_channels, "adaptor expects r_out with {} channels, this UNet gives {}"),
+        ("stride", stride, "adaptor expects r_in at {}x r_out's resolution, this UNet gives {}x"),
+        ("temb_dim", temb_dim, "adaptor expects a time embedding of width {}, this UNet gives {}"),
+        ("text_dim", text_dim, "adaptor expects text embeddings of width {}, this UNet takes {}"),
+        ("levels", levels, "adaptor was trained for levels {}, the policy has levels {}"),
+        ("clock", clock, "adaptor was trained for clock {}, the policy has clock {}"),
+        ("model", model, "adaptor was trained on UNet model {}, this UNet is {}"),
+        ("sampler", sampler, "adaptor was trained for sampler {}, the pipeline uses {}"),
+        ("num_steps", num_steps, "adaptor was trained for {} steps, this generation has {}"),
+    ]
+    problems = [msg.format(getattr(c, field), have) for field, have, msg in expected
+                if have is not None and getattr(c, field) != have]
     if problems:
         raise ValueError("Clockwork adaptor does not fit: " + "; ".join(problems))
 
