@@ -65,6 +65,15 @@ def hard_schedule(policy: Policy, steps: int) -> tuple[tuple[int, ...], tuple[in
     return tuple(keys), tuple(jumps)
 
 
+def schedule_gates(keyframes, jumps, steps: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The hard gates (a, b) of steps 1..steps-1 for a (keyframes, jumps) schedule: a = 1 on
+    keyframes, b = 0 on jumps (1 elsewhere)."""
+    idx = range(1, steps)
+    a = torch.tensor([float(i in keyframes) for i in idx], device=device)
+    b = torch.tensor([float(i not in jumps) for i in idx], device=device)
+    return a, b
+
+
 def hard_loss(rel_mse: float, keyframes, jumps, steps: int, penalty: float, fr_cost: float, with_jumps: bool) -> float:
     """The search's loss for hard gates: rel. MSE + w * (keyframes after step 0 + fr_cost * reuse steps
     when jumps are searched) - what the soft penalty is at saturated gates."""
@@ -209,10 +218,8 @@ def search(
         logits = torch.full((steps - 1,), float(init), device=device)
         reuse_logits = torch.full((steps - 1,), 1.0, device=device)
     else:
-        on = [1.0 if i in start[0] else -1.0 for i in range(1, steps)]
-        logits = init_logit * torch.tensor(on, device=device)
-        reuse_logits = init_logit * torch.tensor([-1.0 if i in start[1] else 1.0 for i in range(1, steps)],
-                                                 device=device)
+        a, b = schedule_gates(*start, steps, device)
+        logits, reuse_logits = init_logit * (2 * a - 1), init_logit * (2 * b - 1)
     logits.requires_grad_(True)
     reuse_logits = reuse_logits.requires_grad_(True) if jumps else None
     opt = torch.optim.Adam([logits] + ([reuse_logits] if jumps else []), lr=lr)
@@ -252,11 +259,10 @@ def search(
             if validate:
                 sched = (tuple(key_steps), tuple(jump_steps))
                 if sched not in val_seen:
-                    one, zero = torch.ones((), device=device), torch.zeros((), device=device)
-                    a = [one if i in sched[0] else zero for i in range(1, steps)]
-                    b = [zero if i in sched[1] else one for i in range(1, steps)] if jumps else None
+                    a, b = schedule_gates(*sched, steps, device)
                     with torch.no_grad():
-                        xv = sample_gated(handle, scheduler_factory, *val, steps, guidance, a, False, reuse_gates=b)
+                        xv = sample_gated(handle, scheduler_factory, *val, steps, guidance, a, False,
+                                          reuse_gates=b if jumps else None)
                     val_seen[sched] = (torch.nn.functional.mse_loss(xv.float(), val_ref.float()) / val_scale).item()
                 val_loss = hard_loss(val_seen[sched], key_steps, jump_steps, steps, penalty, fr_cost, jumps)
                 record = {"val_rel_mse": val_seen[sched], "val_loss": val_loss}
