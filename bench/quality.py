@@ -117,15 +117,18 @@ def skipped_conv_gflop(handle, fn) -> float:
     from frkern.kernels.skip_conv import affected_pixel_fraction
 
     skipped = [0.0]
+    gates = handle._gated if handle is not None else []
+    # A gate is not a module: account after each call of the ResNet wrapper that calls it.
+    parents = {id(p): p for p in (handle.unet.get_submodule(g.unit.rpartition(".")[0]) for g in gates)}
 
-    def hook(unit, args, out):
-        if unit.last_affected is not None:
-            n, _, h, w = args[0].shape
-            conv = unit.original
-            dense = 2 * n * conv.out_channels * conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] * h * w
-            skipped[0] += dense * (1 - float(affected_pixel_fraction(unit.last_affected, unit.tile, h, w)))
+    def hook(parent, args, out):
+        for gate in parent.gates.values():
+            if gate.last_affected is not None:
+                n, cin, cout, taps, h, w = gate.last_shape
+                dense = 2 * n * cout * cin * taps * h * w
+                skipped[0] += dense * (1 - float(affected_pixel_fraction(gate.last_affected, gate.tile, h, w)))
 
-    hooks = [u.register_forward_hook(hook) for u in (handle._gated if handle is not None else [])]
+    hooks = [p.register_forward_hook(hook) for p in parents.values()]
     try:
         fn()
     finally:

@@ -20,10 +20,11 @@ import math
 import torch
 
 from .cache import signature
-from .runtime import FULL_MODE, PROBE_MODE, REUSE_MODE
+from .runtime import FULL_MODE, PROBE_MODE
 from .units import _primary_input, _Wrapper
 
 INDICATOR_UNIT = "adaptive.gate"
+GATE_INPUT = "adaptive.input"  # the gate's input on a probe
 PROBED = "probe:"  # prefix of what a probe recorded, in runtime.writes and then runtime.reads
 
 
@@ -76,13 +77,18 @@ class ProbedModule(_Wrapper):
 
 
 class AdaptiveGate(_Wrapper):
-    """The first module a reuse call may skip; its input is the indicator. State (a unit of the
-    runtime): "first_block": the input on the last full call; "accumulated": (the input on the
-    previous call, the accumulated value)."""
+    """The first module a reuse call may skip; its input g is the indicator. State (a unit of the
+    runtime): "first_block": g on the last full call; "accumulated": (g on the previous call, the
+    accumulated value).
+
+    The state moves on with every call, also when the resumed call never reaches the gate (it can
+    sit inside a cached segment, as for the DeepCache cut): after a probe the mechanism, not the
+    gate's forward, commits it (commit_state); the forward records it only on full calls that had
+    no probe (warm-up, a forced or promoted call)."""
 
     def __init__(self, original, runtime, unit, cache_unit, backend):
         super().__init__(original, runtime, unit, cache_unit, backend)
-        self.rule, self.poly = runtime.policy.rule, runtime.policy.poly
+        self.__dict__.update(rule=runtime.policy.rule, poly=runtime.policy.poly)
 
     def forward(self, *args, **kwargs):
         rt = self.runtime
@@ -95,20 +101,31 @@ class AdaptiveGate(_Wrapper):
             else:
                 v = indicator_value(self.rule, self.poly, g, entry[0])
             rt.writes[PROBED + INDICATOR_UNIT] = (v, None)
+            rt.writes[PROBED + GATE_INPUT] = (g, None)
             _stop()
-        if rt.mode in (FULL_MODE, REUSE_MODE):
-            # clones: g may live in memory the next probe rewrites (a CUDA graph's output)
+        if rt.mode == FULL_MODE and PROBED + INDICATOR_UNIT not in rt.reads:
+            # clones: g may live in memory the next call rewrites (a CUDA graph's output)
             if self.rule == "first_block":
                 rt.unit(INDICATOR_UNIT, sig, lambda: (None, g.clone()), reuse=lambda state: None)
             else:
-                probed = rt.reads.get(PROBED + INDICATOR_UNIT)
-
-                def moved_on(state):
-                    return None, (g.clone(), probed[0].clone() if probed is not None else state[1])
-
                 rt.unit(INDICATOR_UNIT, sig, lambda: (None, (g.clone(), g.new_zeros((), dtype=torch.float32))),
-                        update=moved_on)
+                        update=lambda state: (None, state))
         return self.original(*args, **kwargs)
+
+
+def commit_state(runtime, rule: str, reuse: bool) -> None:
+    """After a probe and its decision: the gate's next state, from what the probe measured.
+    first_block: a full call's g becomes the reference (a reuse call keeps it); accumulated: g
+    becomes the previous input and the sum is the probe's value (reuse) or 0 (full). Copies, made
+    on the host side of the call: the probe's tensors may live in a CUDA graph's memory."""
+    g = runtime.reads[PROBED + GATE_INPUT][0]
+    sig = signature(g)
+    if rule == "first_block":
+        if not reuse:
+            runtime.pending[INDICATOR_UNIT] = (g.clone(), sig)
+        return
+    acc = runtime.reads[PROBED + INDICATOR_UNIT][0].clone() if reuse else g.new_zeros((), dtype=torch.float32)
+    runtime.pending[INDICATOR_UNIT] = ((g.clone(), acc), sig)
 
 
 def run_probe(runtime, family, network, call) -> torch.Tensor:

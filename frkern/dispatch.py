@@ -19,13 +19,13 @@ from . import ops
 from .cache import signature
 from .family import Call, ModelFamily
 from .graphs import GraphRunner
-from .adaptive import AdaptiveGate, ProbedModule, run_probe
+from .adaptive import AdaptiveGate, ProbedModule, commit_state, run_probe
 from .clockwork import AdaptedSegment, TappedSegment, _Tap
 from .policies import Adaptive, NoReuse, Policy
 from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
 from .unet2d import UNet2DFamily, uncompiled
-from .units import CachedSegment, GatedConv2d, ReusedTransformer2D, gated_conv_supported
+from .units import CachedSegment, ConvGate, ReusedTransformer2D, gated_conv_supported
 
 FAMILIES: tuple[ModelFamily, ...] = (UNet2DFamily(),)
 _HANDLE_ATTR = "_frkern_handle"
@@ -78,7 +78,7 @@ class Handle:
         self._network = self._orig_forward  # what runs the network (handle.compile replaces it)
         self.graphs = GraphRunner(self._run_network_fn, self.runtime) if cuda_graphs else None
         self._warned_untracked = False
-        self._gated: list[GatedConv2d] = []  # SkipConv's units, for the active-tile measure
+        self._gated: list[ConvGate] = []  # SkipConv's gates, for the active-tile measure
         self.active = False
 
 
@@ -268,7 +268,10 @@ class Handle:
             v = run_probe(rt, self.family, self._network, call)
         value = float(v)
         rt.measure("indicator", value)
-        return rt.resolve(plan, self.policy.reuses(value))
+        reuse = self.policy.reuses(value)
+        plan = rt.resolve(plan, reuse)
+        commit_state(rt, self.policy.rule, reuse)
+        return plan
 
     @torch.compiler.disable
     def _abort(self):
@@ -277,6 +280,7 @@ class Handle:
     @torch.compiler.disable(recursive=False)
     def forward(self, *args, **kwargs):
         call, return_dict = self.family.bind_call(args, kwargs)
+        self.runtime.outputs_mutated = self.family.mutates_outputs(call)
         plan, call_sig = self._start(call)
         try:
             if self.runtime.mode == PROBE_MODE:
@@ -358,6 +362,12 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     gated_paths = family.gated_conv_paths(model) if policy.cached_parts == "gated_conv" else []
     probed_paths, gate_path = family.adaptive_gate(model, policy) if isinstance(policy, Adaptive) else ([], None)
     bad = [f"{p} ({model.get_submodule(p)})" for p in gated_paths if not gated_conv_supported(model.get_submodule(p))]
+    for p in gated_paths:  # gated through its parent's wrapper, which must call it through a gate
+        parent_path, _, child = p.rpartition(".")
+        wrapper_cls = family.unit_wrappers.get(type(model.get_submodule(parent_path)), (None,))[0]
+        if child not in getattr(wrapper_cls, "gated_children", ()):
+            raise ValueError(f"frkern.patch: {policy.name} cannot gate {p}: its parent is not a wrapper that "
+                             "calls it through a gate")
     if bad:
         raise ValueError(f"frkern.patch: {policy.name} gates stride-1 3x3 (padding 1) or 1x1 nn.Conv2d only; "
                          f"these are not: {'; '.join(bad)}")
@@ -384,9 +394,10 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
         handle._swaps.append(_swap(model, path, wrapper))
     if adaptor is not None:
         rt.begin_checks.append(partial(_check_adaptor_steps, adaptor.config))
-    for path in gated_paths:
-        handle._gated.append(GatedConv2d(model.get_submodule(path), rt, path, True, backend))
-        handle._swaps.append(_swap(model, path, handle._gated[-1]))
+    for path in gated_paths:  # the convolution stays in the tree; its parent calls it through the gate
+        parent_path, _, child = path.rpartition(".")
+        handle._gated.append(ConvGate(rt, path, backend))
+        model.get_submodule(parent_path).gates[child] = handle._gated[-1]
     for path in probed_paths:
         handle._swaps.append(_swap(model, path, ProbedModule(model.get_submodule(path), rt, path, False, backend)))
     if gate_path is not None:

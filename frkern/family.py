@@ -24,6 +24,24 @@ class Call(NamedTuple):
     args: tuple  # every other positional argument, as given
     kwargs: dict  # every other keyword argument, as given (return_dict removed)
 
+    def fresh(self) -> "Call":
+        """The same call with new lists and dicts around its arguments (tensors shared). A forward
+        may consume a container it is given (diffusers pops T2I-Adapter residuals from their
+        list); frkern may run the network more than once per call (an adaptive probe and its
+        resumed pass, CUDA-graph warm-up and capture), so each run gets its own containers and the
+        caller's are left as they were."""
+        return self._replace(args=_fresh(self.args), kwargs=_fresh(self.kwargs))
+
+
+def _fresh(value):
+    if isinstance(value, list):
+        return [_fresh(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _fresh(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_fresh(v) for v in value)
+    return value
+
 
 class ModelFamily:
     """Interface; see frkern.unet2d.UNet2DFamily for the reference implementation."""
@@ -60,8 +78,14 @@ class ModelFamily:
         """Hashable options of a call that change its result but not its shapes."""
         return ()
 
+    def mutates_outputs(self, call: Call) -> bool:
+        """Does the model's forward change its blocks' outputs in place on this call? (Then a
+        cached segment hands out copies.)"""
+        return False
+
     def run(self, network, call: Call) -> torch.Tensor:
-        """The output tensor of `network` (the model's original forward) for `call`."""
+        """The output tensor of `network` (the model's original forward) for `call.fresh()` (every
+        run its own argument containers)."""
         raise NotImplementedError
 
     def wrap_output(self, out: torch.Tensor, return_dict: bool):

@@ -122,7 +122,7 @@ class GraphRunner:
         leaves, spec = tree_flatten(tuple(call._replace(timestep=timestep)))
         try:
             key = (rt.slot, rt.mode, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
-                   tuple((u, e[1]) for u, e in rt.reads.items()))
+                   tuple(sorted(((u, e[1]) for u, e in rt.reads.items()), key=lambda ue: ue[0])))
             hash(key)
         except TypeError as e:  # an unhashable non-tensor argument: its value cannot key a graph
             raise TypeError(f"frkern: cuda_graphs=True needs hashable non-tensor UNet arguments: {e}") from e

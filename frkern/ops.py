@@ -7,6 +7,8 @@ graphs see one op each. "auto" picks triton for CUDA tensors and torch elsewhere
 from __future__ import annotations
 
 import os
+import threading
+import warnings
 from typing import Optional
 
 import torch
@@ -120,11 +122,31 @@ def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     return _gg.geglu_reference(x)
 
 
-def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding=1, backend: str = "auto"):
+_warned: set = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warned_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, stacklevel=3)
+
+
+def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding=1, backend: str = "auto",
+              conv=None):
     """One Skip-Convolution step (kernels/skip_conv.py): (output, new x_ref, active, affected).
 
     triton: the tile-predicated Triton convolution, in place: x_ref and z are updated and returned
-    (the output is z itself). torch: the PyTorch reference, out of place (x_ref and z untouched)."""
+    (the output is z itself). torch: the PyTorch reference, out of place (x_ref and z untouched).
+    conv (a callable, e.g. a LoRA-adapted convolution): always the reference, which calls it densely
+    (the Triton kernel reads one weight tensor); said once with a warning when Triton was asked for."""
+    if conv is not None:
+        if use_triton(backend, x):
+            _warn_once("skip_conv_callable", "frkern: SkipConv on an adapted convolution (LoRA layer or casting "
+                       "hooks) runs the PyTorch reference (dense convolution, same values), not the Triton kernel")
+        return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding, conv=conv)
     if use_triton(backend, x):
         _sc.check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
         pad = list(padding) if isinstance(padding, (tuple, list)) else [padding, padding]

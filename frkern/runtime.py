@@ -82,6 +82,12 @@ class Runtime:
         # objects on every call and never the cache's bookkeeping (generation ids, slots).
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
+        # States the host sets for this call outside the network (an adaptive gate's state after a
+        # probe), committed with its writes: they hold whether or not the network reaches the unit.
+        self.pending: dict[str, tuple] = {}
+        # Does this call's forward change block outputs in place (family.mutates_outputs)? Cached
+        # segments then hand out copies.
+        self.outputs_mutated = False
         self.stats: collections.Counter = collections.Counter()
         self.stateful_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
@@ -202,6 +208,7 @@ class Runtime:
             plan = FULL
         self.reads.clear()
         self.writes.clear()
+        self.pending.clear()
         if plan.decide:
             self.mode = PROBE_MODE  # the dispatcher probes, then calls resolve()
             self.probe_reads()
@@ -243,16 +250,17 @@ class Runtime:
         if self.mode == FULL_MODE and plan.keyframe and self.policy.caches:
             # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
             self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
-            for unit, (value, sig) in self.writes.items():
+            for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):
                 self.cache.put((self.slot, unit), value, sig)
             self._key_sigs[self.slot] = call_sig
             self._reuse_run[self.slot] = 0
         elif self.mode == REUSE_MODE:
-            for unit, (value, sig) in self.writes.items():  # stateful units moved on
+            for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):  # stateful units moved on
                 self.cache.put((self.slot, unit), value, sig)
             self._reuse_run[self.slot] = self._reuse_run.get(self.slot, 0) + 1
         self.reads.clear()
         self.writes.clear()
+        self.pending.clear()
         self.mode = OFF
         self.slot += 1
 
@@ -262,6 +270,7 @@ class Runtime:
         self._reuse_run.pop(self.slot, None)
         self.reads.clear()
         self.writes.clear()
+        self.pending.clear()
         self.mode = OFF
 
     def keyframe_output(self, call_sig: CallSignature) -> torch.Tensor | None:

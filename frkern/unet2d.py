@@ -1,6 +1,8 @@
 """The diffusers UNet2DConditionModel family (SD 1.x/2.x, SDXL, and pipelines built on them)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
@@ -23,6 +25,10 @@ from .units import FusedGEGLU, ReusedResnetBlock2D, ReusedTransformer2D
 SUPPORTED_BLOCKS = (
     CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UNetMidBlock2D, CrossAttnUpBlock2D, UpBlock2D,
 )
+
+
+_FORWARD_ARGS = [p.name for p in inspect.signature(UNet2DConditionModel.forward).parameters.values()
+                 if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # without self
 
 
 def uncompiled(module):
@@ -94,7 +100,17 @@ class UNet2DFamily(ModelFamily):
                 roles[name] = None
             else:
                 raise TypeError(f"UNet2DConditionModel.forward() missing required argument: '{name}'")
-        return Call(roles["sample"], roles["timestep"], roles["encoder_hidden_states"], tuple(args), kwargs), return_dict
+        # the other positional arguments by name, so per-call options are found however they are passed
+        names = _FORWARD_ARGS[3:]
+        if len(args) > len(names):
+            raise TypeError(f"UNet2DConditionModel.forward() takes {len(_FORWARD_ARGS)} positional arguments "
+                            f"but {len(args) + 3} were given")
+        for name, value in zip(names, args):
+            if name in kwargs:
+                raise TypeError(f"UNet2DConditionModel.forward() got multiple values for argument '{name}'")
+            kwargs[name] = value
+        return_dict = kwargs.pop("return_dict", return_dict)
+        return Call(roles["sample"], roles["timestep"], roles["encoder_hidden_states"], (), kwargs), return_dict
 
     def call_options(self, call):
         # A LoRA scale passed per call (diffusers pops it from cross_attention_kwargs and scales
@@ -106,7 +122,16 @@ class UNet2DFamily(ModelFamily):
         scale = cak["scale"]
         return (("lora_scale", float(scale) if isinstance(scale, (int, float)) else id(scale)),)
 
+    def mutates_outputs(self, call):
+        # diffusers adds T2I-Adapter residuals to a plain down block's and the mid block's output
+        # with `sample +=` (also when they come through the deprecated down_block_additional_residuals
+        # without a mid residual)
+        kw = call.kwargs
+        return kw.get("down_intrablock_additional_residuals") is not None or (
+            kw.get("down_block_additional_residuals") is not None and kw.get("mid_block_additional_residual") is None)
+
     def run(self, network, call):
+        call = call.fresh()
         return network(call.sample, call.timestep, call.context, *call.args, return_dict=False, **call.kwargs)[0]
 
     def wrap_output(self, out, return_dict):

@@ -34,15 +34,16 @@ def _primary_input(args, kwargs) -> torch.Tensor:
 class _Wrapper(nn.Module):
     # Swapped in even when the policy caches nothing here (it runs fused kernels)?
     swap_when_not_cached: bool = True
+    # Children the wrapper's forward calls through `gates[name]` when one is installed (SkipConv).
+    gated_children: tuple = ()
 
     def __init__(self, original: nn.Module, runtime: Runtime, unit: str, cache_unit: bool, backend: str):
         super().__init__()
         # Plain attributes (not submodules), so named_modules / state_dict keys are unchanged.
         object.__setattr__(self, "original", original)
         object.__setattr__(self, "runtime", runtime)
-        self.unit = unit
-        self.cache_unit = cache_unit
-        self.backend = backend
+        # The wrapper's own attributes (set into its __dict__ so they are not forwarded).
+        self.__dict__.update(unit=unit, cache_unit=cache_unit, backend=backend)
         # The original's own dicts, not copies: one module tree, whoever changes it.
         for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             object.__setattr__(self, name, getattr(original, name))
@@ -53,6 +54,24 @@ class _Wrapper(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["original"], name)
+
+    # Attributes set on the wrapper that are not its own go to the original, whose forward reads
+    # them: diffusers' enable_freeu (s1, s2, b1, b2 on each up block), gradient checkpointing
+    # (gradient_checkpointing, _gradient_checkpointing_func), anything a user sets on a block.
+    # Submodules and parameters live in the shared dicts either way.
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if "original" in d and name not in d and not isinstance(value, (nn.Module, nn.Parameter)) \
+                and not hasattr(type(self), name):
+            setattr(d["original"], name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name not in self.__dict__ and "original" in self.__dict__ and hasattr(self.__dict__["original"], name):
+            delattr(self.__dict__["original"], name)
+        else:
+            super().__delattr__(name)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -75,9 +94,12 @@ class ReusedResnetBlock2D(_Wrapper):
     """diffusers' ResnetBlock2D with norm1+SiLU and (conv1 out + temb)+norm2+SiLU as fused ops,
     and conv1's output cached on keyframes and read on reuse steps."""
 
+    gated_children = ("conv1", "conv2")
+
     def __init__(self, original, runtime, unit, cache_unit, backend):
         super().__init__(original, runtime, unit, cache_unit, backend)
-        self.silu = isinstance(original.nonlinearity, nn.SiLU)
+        self.__dict__["silu"] = isinstance(original.nonlinearity, nn.SiLU)
+        self.__dict__["gates"] = {}  # child name -> ConvGate (SkipConv): the child is called through it
 
     def _norm_act(self, x, norm, add_channel=None):
         if self.silu:
@@ -86,6 +108,13 @@ class ReusedResnetBlock2D(_Wrapper):
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
 
+    def _conv(self, name, x):
+        # whatever module is there now (a peft LoRA layer injected before or after patching, a
+        # conv with diffusers' casting hooks), through its gate when SkipConv gates it
+        module = self._modules[name]
+        gate = self.gates.get(name)
+        return module(x) if gate is None else gate(module, x)
+
     def forward(self, input_tensor, temb, *args, **kwargs):
         o = self.original  # its children are ours (shared dicts): whatever is in the tree now
         resample = o.upsample if o.upsample is not None else o.downsample
@@ -93,10 +122,10 @@ class ReusedResnetBlock2D(_Wrapper):
         def conv1_branch():
             hidden = self._norm_act(input_tensor, o.norm1)
             if resample is None:
-                return o.conv1(hidden)
+                return self._conv("conv1", hidden)
             if o.upsample is not None and hidden.shape[0] >= 64:
                 hidden = hidden.contiguous()
-            return o.conv1(resample(hidden))
+            return self._conv("conv1", resample(hidden))
 
         hidden = self.cached(signature(input_tensor), conv1_branch)
         if resample is not None:
@@ -119,7 +148,7 @@ class ReusedResnetBlock2D(_Wrapper):
             scale, shift = torch.chunk(temb[:, :, None, None] if chan is not None else temb, 2, dim=1)
             hidden = o.nonlinearity(o.norm2(hidden) * (1 + scale) + shift)
 
-        hidden = o.conv2(o.dropout(hidden))
+        hidden = self._conv("conv2", o.dropout(hidden))
         if o.conv_shortcut is not None:
             if self.training:
                 input_tensor = input_tensor.contiguous()
@@ -193,31 +222,83 @@ class FusedGEGLU(_Wrapper):
         return ops.geglu(self.original.proj(hidden_states), backend=self.backend)
 
 
+def _clone_tensors(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone_tensors(v) for v in value)
+    return value
+
+
 class CachedSegment(_Wrapper):
     """Any module whose whole output is cached on keyframes and returned on reuse steps (its
-    inputs are ignored then: the module is not run)."""
+    inputs are ignored then: the module is not run).
+
+    When the model's forward changes this call's block outputs in place (the runtime's
+    `outputs_mutated`, from the family: diffusers adds T2I-Adapter residuals with `sample +=`),
+    the cache keeps its own copy and each call gets a fresh one, so no call sees another's add."""
 
     def forward(self, *args, **kwargs):
-        return self.cached(signature(_primary_input(args, kwargs)), lambda: self.original(*args, **kwargs))
+        if not self.runtime.outputs_mutated:
+            return self.cached(signature(_primary_input(args, kwargs)), lambda: self.original(*args, **kwargs))
+
+        def compute():
+            out = self.original(*args, **kwargs)
+            return out, _clone_tensors(out)
+
+        return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=_clone_tensors)
 
 
-class GatedConv2d(_Wrapper):
-    """A 3x3 (padding 1) or 1x1 stride-1 convolution computed only where its input changed
-    (Skip-Convolutions with an exact reference input, kernels/skip_conv.py). State: (x_ref, z,
-    active tiles); keyframes compute densely, other calls move the state on (stateful unit)."""
+def _base_conv(module: nn.Module) -> nn.Module:
+    """The convolution a module computes with: itself, or the base layer of a peft adapter layer
+    (LoRA and its kin add a term with the same kernel, stride and padding)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
 
-    def __init__(self, original, runtime, unit, cache_unit, backend):
-        super().__init__(original, runtime, unit, cache_unit, backend)
+
+def _plain_conv(module: nn.Module) -> bool:
+    """A bare nn.Conv2d whose weights are what it computes with (no adapter, no hooks that cast or
+    move them): the Triton step may read its weight and bias directly."""
+    return (type(module) is nn.Conv2d and "forward" not in module.__dict__ and not module._forward_hooks
+            and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
+            and not nn.modules.module._global_forward_pre_hooks)
+
+
+class ConvGate:
+    """Skip-Convolution (kernels/skip_conv.py, with an exact reference input) on whatever module sits
+    at one convolution's place: a 3x3 (padding 1) or 1x1 stride-1 nn.Conv2d, a peft LoRA layer around
+    one (added before or after patching), or one with diffusers' layerwise-casting hooks. It is not
+    a module of the tree (so peft, casting and offloading hooks see the convolution itself); the
+    parent wrapper calls the child through it. State (x_ref, z = module(x_ref), active tiles): a
+    keyframe computes densely; other calls move the state on (a stateful unit).
+
+    The Triton step reads a plain convolution's weight and bias; any other module (adapter layer,
+    hooks) takes the PyTorch reference path, which calls the module itself on the whole map, so
+    what is computed is exactly the adapted convolution."""
+
+    def __init__(self, runtime: Runtime, unit: str, backend: str):
         policy = runtime.policy
+        self.runtime, self.unit, self.backend = runtime, unit, backend
         self.tile, self.threshold = policy.tile, float(policy.threshold)
-        object.__setattr__(self, "last_active", None)
-        object.__setattr__(self, "last_affected", None)
+        self.last_active = None
+        self.last_affected = None
+        self.last_shape = None  # (n, cin, cout, k, h, w) of the last gated step (FLOP accounting)
+        self._checked = None  # the module last found supported
 
-    def forward(self, x):
-        o = self.original
+    def __repr__(self) -> str:
+        return f"ConvGate(unit={self.unit!r}, tile={self.tile}, threshold={self.threshold})"
+
+    def __call__(self, module: nn.Module, x: torch.Tensor):
+        if module is not self._checked:  # replaced since (an adapter injected or unloaded)
+            if not gated_conv_supported(module):
+                raise ValueError(f"frkern: {self.unit} is now {module}, which SkipConv cannot gate "
+                                 "(a stride-1 3x3 padding-1 or 1x1 nn.Conv2d, or an adapter layer around one)")
+            self._checked = module
+        conv = _base_conv(module)
+        self.last_active = self.last_affected = None
 
         def dense():
-            z = o(x)
+            z = module(x)
             # the same state structure as a step's (CUDA graphs read it leaf by leaf); x_ref is our
             # own copy, not the caller's tensor: the Triton step updates x_ref (and z) in place
             n, _, h, w = x.shape
@@ -226,18 +307,22 @@ class GatedConv2d(_Wrapper):
 
         def step(state):
             x_ref, z, _ = state
-            out, x_ref, active, affected = ops.skip_conv(x, x_ref, z, o.weight, o.bias, tile=self.tile,
-                                                         threshold=self.threshold, padding=o.padding, backend=self.backend)
-            object.__setattr__(self, "last_active", active)
-            object.__setattr__(self, "last_affected", affected)  # what a tile-predicated conv computes
+            fn = None if _plain_conv(module) else module
+            out, x_ref, active, affected = ops.skip_conv(x, x_ref, z, conv.weight, conv.bias, tile=self.tile,
+                                                         threshold=self.threshold, padding=conv.padding,
+                                                         backend=self.backend, conv=fn)
+            n, cin, h, w = x.shape
+            self.last_active, self.last_affected = active, affected  # what a tile-predicated conv computes
+            self.last_shape = (n, cin, conv.out_channels, conv.kernel_size[0] * conv.kernel_size[1], h, w)
             return out, (x_ref, out, active)
 
-        object.__setattr__(self, "last_active", None)
-        object.__setattr__(self, "last_affected", None)
-        return self.cached(signature(x), dense, update=step)
+        return self.runtime.unit(self.unit, signature(x), dense, update=step)
 
 
-def gated_conv_supported(conv: nn.Module) -> bool:
+def gated_conv_supported(module: nn.Module) -> bool:
+    conv = _base_conv(module)
+    if not isinstance(conv, nn.Conv2d):
+        return False
     k = conv.kernel_size
-    return (isinstance(conv, nn.Conv2d) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and k in ((3, 3), (1, 1)) and conv.padding == (k[0] // 2, k[1] // 2) and conv.padding_mode == "zeros")

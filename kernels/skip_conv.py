@@ -58,9 +58,11 @@ def _tiles_to_pixels(mask: torch.Tensor, tile: int, h: int, w: int) -> torch.Ten
     return mask.repeat_interleave(tile, 2).repeat_interleave(tile, 3)[:, :, :h, :w]
 
 
-def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1):
+def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, padding=1, conv=None):
     """One step: returns (output, new x_ref, active input tiles, affected (recomputed) output
-    tiles); the masks are (N, 1, ceil(H/B), ceil(W/B)) bool."""
+    tiles); the masks are (N, 1, ceil(H/B), ceil(W/B)) bool. conv: the convolution as a callable
+    (default F.conv2d with weight and bias), for one whose weights are not a plain tensor pair (an
+    adapted convolution); weight then only gives the kernel's shape."""
     check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
     n, _, h, w = x.shape
     k = weight.shape[-1]
@@ -73,7 +75,8 @@ def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, 
     x_ref = torch.where(active_px, x, x_ref)
     touched = F.max_pool2d(active_px.to(x.dtype), k, stride=1, padding=k // 2) > 0 if k > 1 else active_px
     affected = F.max_pool2d(touched.to(x.dtype), tile, ceil_mode=True) > 0
-    out = torch.where(_tiles_to_pixels(affected, tile, h, w), F.conv2d(x_ref, weight, bias, padding=k // 2), z)
+    dense = F.conv2d(x_ref, weight, bias, padding=k // 2) if conv is None else conv(x_ref)
+    out = torch.where(_tiles_to_pixels(affected, tile, h, w), dense, z)
     return out, x_ref, active, affected
 
 
