@@ -14,6 +14,15 @@ The one change it cannot see: in-place edits through `.data` (or `torch.no_grad(
 inference-mode tensors, which have no version counter) that keep the same storage. Nothing does
 that in diffusers or peft except merging, which is covered; a user who does must call
 `handle.reset()`.
+
+Storage hooks: diffusers' layerwise casting (`enable_layerwise_casting`: weights stored in a small
+dtype, upcast for each call and stored back) and group offloading, and accelerate's offloading
+hooks, give the parameters of the modules they manage a new storage on every call with the same
+values. Those parameters are watched by identity and version counter only (in-place updates,
+replacement and adapters are still seen; a user's `p.data = ...` on them is not). Whether a module
+has such a hook is looked up when the parameters are listed and again whenever the hashed storage
+moved, so hooks installed after patching are found on the first call they run in (that call, whose
+weights were just re-stored in another dtype, computes in full).
 """
 from __future__ import annotations
 
@@ -58,6 +67,23 @@ def _tuner_layer_class():
     return getattr(mod, "BaseTunerLayer", None) if mod is not None else None
 
 
+_STORAGE_HOOKS = ("layerwise_casting", "group_offloading")  # diffusers' HookRegistry names
+
+
+def _restores_storage(module: nn.Module) -> bool:
+    """Does a hook give this module's parameters new storage on each call (same values)?"""
+    while "original" in module.__dict__:  # a frkern wrapper stands in the tree for the hooked module
+        module = module.__dict__["original"]
+    d = module.__dict__
+    registry = d.get("_diffusers_hook")
+    hooks = getattr(registry, "hooks", None)
+    if isinstance(hooks, dict) and any(name in hooks for name in _STORAGE_HOOKS):
+        return True
+    hf_hook = d.get("_hf_hook")  # accelerate: AlignDevicesHook(offload=True), CpuOffload, ...
+    return hf_hook is not None and (getattr(hf_hook, "offload", False) or type(hf_hook).__name__ == "CpuOffload"
+                                    or any(getattr(h, "offload", False) for h in getattr(hf_hook, "hooks", ())))
+
+
 def _adapter_state(layer) -> tuple:
     scaling = getattr(layer, "scaling", None)
     return (
@@ -78,6 +104,9 @@ class WeightsWatch:
         self._versioned: list[torch.Tensor] = []
         self._tuners: list[Any] = []
         self._ids = 0
+        self._pointed: list[torch.Tensor] = []  # parameters whose storage pointers are hashed
+        self._hooked_ids = 0  # which parameters storage hooks manage (watched by version only)
+        self._pointers = None
 
     def refresh(self) -> None:
         """Re-list the parameters and adapter layers; let modules that bind to their children rebind."""
@@ -94,14 +123,26 @@ class WeightsWatch:
             rebind = getattr(type(m), "rebind", None)
             if rebind is not None:
                 rebind(m)
+        self._find_storage_hooks(modules)
+
+    def _find_storage_hooks(self, modules=None) -> None:
+        modules = list(self.model.modules()) if modules is None else modules
+        hooked = {id(p) for m in modules if _restores_storage(m) for p in m.parameters()}
+        self._pointed = [p for p in self.params if id(p) not in hooked]
+        self._hooked_ids = hash(tuple(sorted(hooked)))
+        self._pointers = hash(tuple(map(_DATA_PTR, self._pointed)))
 
     def token(self) -> tuple:
         if self._epoch != _epoch[0]:
             self.refresh()
-        ps = self.params
+        pointers = hash(tuple(map(_DATA_PTR, self._pointed)))
+        if pointers != self._pointers:  # storage moved: a storage hook installed since the listing?
+            self._find_storage_hooks()
+            pointers = self._pointers
         return (
             self._ids,
+            self._hooked_ids,
             sum(map(_VERSION, self._versioned)),
-            hash(tuple(map(_DATA_PTR, ps))),
+            pointers,
             tuple(map(_adapter_state, self._tuners)) if self._tuners else (),
         )
