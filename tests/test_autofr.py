@@ -1,16 +1,28 @@
 """Auto-FR: gates get gradients, the penalty turns gates off, gated sampling matches the definition,
-saved policies reload."""
+its samplers are the diffusers pipeline loop for every supported scheduler, failures leave the model
+as it was, saved policies reload."""
 import copy
 
 import pytest
 import torch
+from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, KDPM2DiscreteScheduler, PNDMScheduler, UniPCMultistepScheduler)
 
 import frkern
 from frkern import autofr
 from reference import FRDiffHooks
-from tiny import ddim, sd_unet
+from tiny import ddim, make_sd_pipeline, sd_unet
 
 STEPS = 4
+SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+SCHEDULERS = {
+    "ddim": ddim,
+    "dpmpp_2m": lambda: DPMSolverMultistepScheduler(**SD_BETAS, algorithm_type="dpmsolver++", solver_order=2),
+    "euler": lambda: EulerDiscreteScheduler(**SD_BETAS),
+    "euler_a": lambda: EulerAncestralDiscreteScheduler(**SD_BETAS),
+    "unipc": lambda: UniPCMultistepScheduler(**SD_BETAS),
+}
+START = frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(1,))  # a keyframe, a jump, a reuse step
 
 
 def conditions(unet, batch=1):
@@ -19,6 +31,20 @@ def conditions(unet, batch=1):
         ehs = torch.randn(2 * batch, 5, unet.config.cross_attention_dim, generator=g)
         return noise, ehs, {}
     return draw
+
+
+def _diffusers_loop(unet_call, factory, noise, guidance=3.0):
+    """StableDiffusionPipeline's denoising loop for a scheduler without step noise, written out;
+    unet_call(i, x_in, t) -> eps of the CFG batch [uncond; cond]."""
+    sch = factory()
+    sch.set_timesteps(STEPS)
+    x = noise * sch.init_noise_sigma
+    with torch.no_grad():
+        for i, t in enumerate(sch.timesteps):
+            eps = unet_call(i, sch.scale_model_input(torch.cat([x, x]), t), t)
+            u, c = eps.chunk(2)
+            x = sch.step(u + guidance * (c - u), t, x, return_dict=False)[0]
+    return x
 
 
 def test_gated_sampler_with_hard_gates_is_feature_reuse():
@@ -34,27 +60,29 @@ def test_gated_sampler_with_hard_gates_is_feature_reuse():
     frkern.unpatch(unet)
 
     hooks = FRDiffHooks(ref_unet)
-    sch = ddim()
-    sch.set_timesteps(STEPS)
-    xr = noise
-    with torch.no_grad():
-        for i, t in enumerate(sch.timesteps):
-            hooks.keyframe = i in (0, 2)
-            eps = ref_unet(torch.cat([xr, xr]), t, ehs).sample
-            u, c = eps.chunk(2)
-            xr = sch.step(u + 3.0 * (c - u), t, xr).prev_sample
+
+    def call(i, x_in, t):
+        hooks.keyframe = i in (0, 2)
+        return ref_unet(x_in, t, ehs).sample
+
+    xr = _diffusers_loop(call, ddim, noise)
     torch.testing.assert_close(x, xr, rtol=1e-5, atol=1e-6)
 
 
-def test_gates_receive_gradients_and_checkpointing_agrees():
+@pytest.mark.parametrize("name", ["ddim", "dpmpp_2m", "unipc", "euler_a"])
+def test_gates_receive_gradients_and_checkpointing_agrees(name):
+    """Checkpointing recomputes only the network and the blend: a multistep scheduler's state moves on
+    once per step, and the gradients equal those without checkpointing (issue 23.4)."""
+    factory = SCHEDULERS[name]
     unet = sd_unet().requires_grad_(False)
     noise, ehs, kw = conditions(unet)(torch.Generator().manual_seed(1))
     handle = frkern.patch(unet, frkern.FRDiff(interval=1, score_mix=False), backend="torch")
-    x_ref = autofr.sample_full(handle, ddim, noise, ehs, kw, STEPS, 3.0)
+    x_ref = autofr.sample_full(handle, factory, noise, ehs, kw, STEPS, 3.0, autofr.step_generator(1))
     grads = []
     for ckpt in (False, True):
         logits = torch.tensor([0.1, -0.1, 0.1], requires_grad=True)
-        x = autofr.sample_gated(handle, ddim, noise, ehs, kw, STEPS, 3.0, autofr.straight_through(logits), ckpt)
+        x = autofr.sample_gated(handle, factory, noise, ehs, kw, STEPS, 3.0, autofr.straight_through(logits), ckpt,
+                                generator=autofr.step_generator(1))
         torch.nn.functional.mse_loss(x, x_ref).backward()
         assert torch.isfinite(logits.grad).all() and (logits.grad != 0).any()
         grads.append(logits.grad.clone())
@@ -125,15 +153,12 @@ def test_gated_sampler_with_jumps_equals_the_keyframes_policy_with_jumps():
     policy = frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(1,))
     handle = frkern.patch(unet, policy, backend="torch")
     handle.begin(STEPS)
-    sch = ddim()
-    sch.set_timesteps(STEPS)
-    xr = noise
-    with torch.no_grad():
-        for i, t in enumerate(sch.timesteps):
-            handle.set_step(i)
-            eps = unet(torch.cat([xr, xr]), t, ehs).sample
-            u, c = eps.chunk(2)
-            xr = sch.step(u + 3.0 * (c - u), t, xr).prev_sample
+
+    def call(i, x_in, t):
+        handle.set_step(i)
+        return unet(x_in, t, ehs).sample
+
+    xr = _diffusers_loop(call, ddim, noise)
     assert handle.stats == {"full": 2, "skip": 1, "reuse": 1}
     torch.testing.assert_close(x, xr, rtol=1e-5, atol=1e-6)
 
@@ -167,27 +192,34 @@ def test_hard_schedule_of_frdiff_with_score_mixing():
         autofr.hard_schedule(frkern.DeepCache(2), n)
 
 
-def _rel_mse_through_the_runtime(unet, policy, noise, ehs):
-    """The policy run by frkern's runtime (not the gated sampler), against full compute."""
-    outs = []
-    for pol in (None, policy):
-        handle = frkern.patch(unet, pol, backend="torch") if pol is not None else None
-        sch = ddim()
-        sch.set_timesteps(STEPS)
-        if handle is not None:
-            handle.begin(STEPS)
-        x = noise
+def _pipeline_latents(unet, factory, policy, noise, ehs, generator=None, eta=0.0, guidance=3.0):
+    """A real StableDiffusionPipeline's final latents from `noise`, ehs = [negative; prompt], run with
+    frkern and `policy` (None: without frkern), and frkern's call stats."""
+    b = noise.shape[0]
+    pipe = make_sd_pipeline(unet=unet, scheduler=factory())
+    handle = frkern.patch(pipe, policy, backend="torch") if policy is not None else None
+    size = noise.shape[-1] * pipe.vae_scale_factor
+    try:
         with torch.no_grad():
-            for i, t in enumerate(sch.timesteps):
-                if handle is not None:
-                    handle.set_step(i)
-                eps = unet(torch.cat([x, x]), t, ehs).sample
-                u, c = eps.chunk(2)
-                x = sch.step(u + 3.0 * (c - u), t, x).prev_sample
+            out = pipe(prompt_embeds=ehs[b:], negative_prompt_embeds=ehs[:b], latents=noise.clone(),
+                       guidance_scale=guidance, num_inference_steps=STEPS, output_type="latent",
+                       generator=generator, eta=eta, height=size, width=size).images
+    finally:
         if handle is not None:
-            frkern.unpatch(unet)
-        outs.append(x)
-    return (torch.nn.functional.mse_loss(outs[1], outs[0]) / outs[0].pow(2).mean()).item()
+            frkern.unpatch(pipe)
+    return out, (handle.stats if handle is not None else None)
+
+
+def _rel_mse(x, ref):
+    return (torch.nn.functional.mse_loss(x, ref) / ref.pow(2).mean()).item()
+
+
+def _rel_mse_through_the_runtime(unet, policy, noise, ehs):
+    """The policy run by frkern's runtime in a DDIM pipeline (not the gated sampler), against the
+    pipeline without frkern."""
+    full, _ = _pipeline_latents(unet, ddim, None, noise, ehs)
+    fr, _ = _pipeline_latents(unet, ddim, policy, noise, ehs)
+    return _rel_mse(fr, full)
 
 
 def test_search_from_a_fixed_schedule_starts_there_and_validates_on_a_held_out_batch():
@@ -227,3 +259,133 @@ def test_search_refuses_a_bad_start():
         autofr.search(unet, conditions(unet), ddim, steps=STEPS, iters=1, init_policy=frkern.FRDiff(2, score_mix=False),
                       init_logit=0, progress=False)
     assert getattr(unet, "_frkern_handle", None) is None
+
+
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0), ("euler", 0.0),
+                                       ("euler_a", 0.0), ("unipc", 0.0)])
+def test_searched_policy_replays_through_a_diffusers_pipeline(name, eta):
+    """A short search runs with each scheduler; the policy it returns, replayed by frkern in a real
+    StableDiffusionPipeline on the held-out batch (step noise from step_generator of its seed), scores
+    the val_rel_mse the search recorded (rel. 1e-4), and the search's samplers under the same hard gates
+    are that pipeline with frkern (gated) and without it (full) to fp32 rounding (rtol 1e-5, atol
+    1e-5 * max |latent|) (issue 23.5)."""
+    factory = SCHEDULERS[name]
+    unet = sd_unet()
+    val_cond, seed = conditions(unet, batch=2), 7
+    res = autofr.search(unet, conditions(unet), factory, steps=STEPS, iters=2, lr=0.3, penalty=0.01, seed=seed,
+                        jumps=True, init_policy=START, progress=False, val_conditions=val_cond, eta=eta)
+    policy = res.policy
+    assert len(policy.keyframes) < STEPS  # something is reused or jumped: the comparison means something
+    val_seed = 2**31 - 1 - seed
+    noise, ehs, kw = val_cond(torch.Generator().manual_seed(val_seed))
+    full_pipe, _ = _pipeline_latents(unet, factory, None, noise, ehs, autofr.step_generator(val_seed), eta)
+    fr_pipe, stats = _pipeline_latents(unet, factory, policy, noise, ehs, autofr.step_generator(val_seed), eta)
+    n_jumps = len(policy.jumps)
+    assert stats == {"full": len(policy.keyframes), "skip": n_jumps, "reuse": STEPS - len(policy.keyframes) - n_jumps}
+    rel = _rel_mse(fr_pipe, full_pipe)
+    assert rel > 0 and abs(res.history[res.best_iter]["val_rel_mse"] - rel) <= 1e-4 * rel
+
+    handle = frkern.patch(unet, frkern.FRDiff(interval=1, score_mix=False), backend="torch")
+    a, b = autofr.schedule_gates(policy.keyframes, policy.jumps, STEPS)
+    with torch.no_grad():
+        full = autofr.sample_full(handle, factory, noise, ehs, kw, STEPS, 3.0, autofr.step_generator(val_seed), eta)
+        gated = autofr.sample_gated(handle, factory, noise, ehs, kw, STEPS, 3.0, a, False, reuse_gates=b,
+                                    generator=autofr.step_generator(val_seed), eta=eta)
+    frkern.unpatch(unet)
+    tol = dict(rtol=1e-5, atol=1e-5 * full_pipe.abs().max().item())
+    torch.testing.assert_close(full, full_pipe, **tol)
+    torch.testing.assert_close(gated, fr_pipe, **tol)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc"])
+def test_search_with_a_multistep_scheduler_in_its_default_configuration(name):
+    """Default search (checkpointed steps) with a stateful multistep scheduler runs (issue 23.4: the
+    backward recompute stepped DPM-Solver++ twice, IndexError)."""
+    unet = sd_unet()
+    res = autofr.search(unet, conditions(unet), SCHEDULERS[name], steps=STEPS, iters=2, lr=0.3, progress=False)
+    assert len(res.history) == 2 and res.policy.keyframes[0] == 0
+    assert all(h["val_rel_mse"] >= 0 for h in res.history)
+
+
+def _train_mode_unet():
+    """A UNet in train mode with one submodule in eval and mixed requires_grad."""
+    unet = sd_unet().train()
+    unet.conv_in.eval()
+    for i, p in enumerate(unet.parameters()):
+        p.requires_grad_(i % 3 != 0)
+    return unet
+
+
+def _model_state(unet):
+    return [m.training for m in unet.modules()], [p.requires_grad for p in unet.parameters()]
+
+
+@pytest.mark.parametrize("factory", [HeunDiscreteScheduler, KDPM2DiscreteScheduler,
+                                     lambda: PNDMScheduler(skip_prk_steps=True)])
+def test_search_refuses_schedulers_it_cannot_follow_before_the_model_changes(factory):
+    unet = _train_mode_unet()
+    state = _model_state(unet)
+    name = type(factory()).__name__
+    with pytest.raises(ValueError, match=f"once per step.*DPM-Solver\\+\\+.*{name}"):
+        autofr.search(unet, conditions(unet), factory, steps=STEPS, iters=1, progress=False)
+    assert _model_state(unet) == state and frkern.handle_of(unet) is None
+
+
+def _raise_on_held_out(unet):
+    draw = conditions(unet)
+
+    def cond(g):
+        if g.initial_seed() == 2**31 - 1:  # the held-out batch of seed 0
+            raise KeyError("no held-out batch")
+        return draw(g)
+    return cond
+
+
+def _wrong_shape(unet):
+    def cond(g):
+        return torch.randn(1, 3, 8, 8, generator=g), torch.randn(2, 5, unet.config.cross_attention_dim), {}
+    return cond
+
+
+def _factory_failing_at_call(n):
+    calls = []
+
+    def factory():
+        calls.append(1)
+        if len(calls) >= n:
+            raise OSError("no scheduler config")
+        return ddim()
+    return factory
+
+
+@pytest.mark.parametrize("case", ["patched", "conditions_raise", "conditions_wrong_shape", "factory_raises",
+                                  "factory_raises_later"])
+def test_a_failed_search_leaves_the_model_as_it_was(case):
+    """Already patched: refused, the other patch untouched; conditions or a scheduler factory that fail
+    (before or after the search patched the model): the error propagates and the model is unpatched, in
+    its training flags and requires_grad as before, its forward bit-identical to a copy (issue 23.6)."""
+    unet = _train_mode_unet()
+    before = copy.deepcopy(unet)
+    state = _model_state(unet)
+    cond, factory, error = conditions(unet), ddim, None
+    if case == "patched":
+        other = frkern.patch(unet, frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS), backend="torch")
+        error = (RuntimeError, "already patched")
+    elif case == "conditions_raise":
+        cond, error = _raise_on_held_out(unet), (KeyError, "held-out")
+    elif case == "conditions_wrong_shape":
+        cond, error = _wrong_shape(unet), (RuntimeError, "channels")
+    else:
+        # call 1 is the search's up-front check, call 2 comes after it has patched the model
+        factory, error = _factory_failing_at_call(1 if case == "factory_raises" else 2), (OSError, "scheduler")
+    with pytest.raises(error[0], match=error[1]):
+        autofr.search(unet, cond, factory, steps=STEPS, iters=2, progress=False)
+    assert _model_state(unet) == state
+    if case == "patched":
+        assert frkern.handle_of(unet) is other and other.active
+        frkern.unpatch(unet)
+    assert frkern.handle_of(unet) is None
+    x, ehs, _ = conditions(unet)(torch.Generator().manual_seed(9))
+    x = torch.cat([x, x])
+    with torch.no_grad():
+        assert torch.equal(unet(x, 500, ehs).sample, before(x, 500, ehs).sample)
