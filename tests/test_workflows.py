@@ -471,10 +471,16 @@ def test_freeu_enabled_after_patching_acts_on_the_blocks(policy, hooks_for):
         assert torch.equal(unet(x, 10, ehs).sample, plain(x, 10, ehs).sample)
 
 
-def test_gradient_checkpointing_enabled_after_patching_checkpoints_the_blocks():
+@pytest.mark.parametrize("policy", [frkern.NoReuse(), frkern.DeepCache(interval=2, branch=1), frkern.Clockwork(clock=2)],
+                         ids=lambda p: p.name)
+def test_gradient_checkpointing_enabled_after_patching_checkpoints_the_blocks(policy):
+    """Segment policies put wrappers where whole blocks were: the flag must reach the blocks."""
     unet = unet_3x1().train()
     ref = copy.deepcopy(unet)
-    frkern.patch(unet, frkern.NoReuse(), backend="torch")
+    handle = frkern.patch(unet, policy, backend="torch")
+    if policy.caches:  # a keyframe of a generation: full compute
+        handle.begin(2)
+        handle.set_step(0)
     counts = {}
 
     def counting(key):
