@@ -75,6 +75,40 @@ def test_group_norm_act_matches_definition(dtype, channels_last, shape, groups, 
     torch.testing.assert_close(s.float(), ref_sum.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
 
 
+@pytest.mark.parametrize(
+    "shape, groups, dtype, offset",
+    [
+        ((2, 30, 5, 3), 3, torch.float16, 0),  # 10 channels per group, as SD's 320 in 32 groups: runs aligned to 2
+        ((2, 30, 5, 3), 3, torch.bfloat16, 1),
+        ((1, 27, 4, 5), 3, torch.bfloat16, 0),  # 9 per group: odd, no alignment (scalar loads on a GPU)
+        ((2, 21, 3, 7), 7, torch.float16, 1),  # 3 per group; a pixel stride of 21 elements
+    ],
+)
+def test_channels_last_at_odd_channel_counts(shape, groups, dtype, offset):
+    """Channels per group is a compile-time constant (kernels/group_norm.py): channel counts whose
+    group runs are not 16-byte aligned, and a base pointer one element past an allocation (a GPU
+    launch then compiles its unaligned specialisation), give the same values."""
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shape, groups, dtype, offset)).encode()))
+    B, C, H, W = shape
+
+    def cl(t):  # channels_last strides, data starting `offset` elements into its storage
+        buf = torch.empty(B * C * H * W + offset, dtype=dtype, device=DEVICE)[offset:]
+        out = buf.view(B, H, W, C).permute(0, 3, 1, 2)
+        out.copy_(t)
+        return out
+
+    x = cl((torch.randn(shape, generator=g) * 2 + 7).to(DEVICE, dtype))
+    chan = torch.randn(shape[:2], generator=g).to(DEVICE, dtype)
+    w = torch.randn(C, generator=g).to(DEVICE, dtype)
+    b = torch.randn(C, generator=g).to(DEVICE, dtype)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.storage_offset() == offset
+    y, s = group_norm_act_triton(x, w, b, groups, 1e-5, None, chan, True, write_sum=True)
+    ref, ref_sum = definition(x, w, b, groups, 1e-5, None, chan, True)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.double(), ref, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+    torch.testing.assert_close(s.float(), ref_sum.float(), atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_every_output_element_is_written(channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
