@@ -34,9 +34,10 @@ from .policies import (  # noqa: E402
     SkipConv,
 )
 from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
+from .ops import kernel_report  # noqa: E402
 
 __all__ = [
-    "patch", "unpatch", "Handle", "handle_of",
+    "patch", "unpatch", "Handle", "handle_of", "kernel_report",
     "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]

@@ -3,6 +3,14 @@
 "torch": the plain-PyTorch reference from kernels/ (bit-identical to diffusers' op sequence).
 "triton": the fused Triton kernels, registered as torch custom ops so torch.compile and CUDA
 graphs see one op each. "auto" picks triton for CUDA tensors and torch elsewhere.
+
+Kernel failures (issue 22): under "auto", an exception from an op's Triton path (compile errors,
+OutOfResources, driver launch errors; not torch.OutOfMemoryError) makes that call run the reference
+instead, and the op stays on the reference for that fallback key (see the notes above
+kernel_report) for the rest of the process: one KernelFallbackWarning per key, no retries. Under
+"triton" the failure raises KernelError with the original error chained. Argument errors (a
+failure the kernels' own checks explain) propagate unchanged under both. kernel_report() counts
+where each op ran.
 """
 from __future__ import annotations
 
@@ -42,6 +50,12 @@ def use_triton(backend: str, t: torch.Tensor) -> bool:
                 "to run the kernels in Triton's interpreter"
             )
         return True
+    return _auto_picks_triton(t)
+
+
+def _auto_picks_triton(t: torch.Tensor) -> bool:
+    """What backend="auto" runs: Triton for CUDA tensors. Private test hook: tests/test_kernel_fallback.py
+    monkeypatches it to `lambda t: True` so that "auto" takes the Triton path (the interpreter) on a CPU."""
     return t.device.type == "cuda" and triton_available()
 
 
@@ -92,6 +106,159 @@ if triton_available():
         return active, affected
 
 
+# ---------------------------------------------------------------------------------------------
+# Fallback of backend="auto" when a Triton kernel cannot run, and the per-op report.
+#
+# Fallback key: (dtype, device type, layout signature) per op, the signature being everything that
+# selects the kernels' compiled configuration except the batch and spatial extents: channel counts,
+# groups, kernel size, tile, which optional operands are present, flags, and each tensor's memory
+# layout class. What makes a kernel unable to run (no Triton support for the architecture or the
+# dtype, OutOfResources from block sizes set by channels / tile / dtype, a layout a kernel refuses)
+# is a function of these; batch (doubled by CFG) and resolution change from call to call, so leaving
+# them out bounds the failed attempts and warnings by the model's layer types, not by the workload.
+# The price: a failure tied to one spatial size (GroupNorm's HW block for small maps) keeps that
+# key on the reference at every size (exact values, slower).
+#
+# skip_conv updates x_ref and z in place in three launches (gate sums, gate apply writes x_ref,
+# convolution writes z), so a failure of a later launch (its compile, load or launch) would find
+# x_ref already written. The first Triton run of each exact launch signature (shapes, strides,
+# 16-byte alignment, device: what Triton specializes and loads kernels on) in this process is made
+# on a snapshot: copies of x_ref and z are taken before the launch and written back on any failure,
+# so the reference then runs on the caller's state as it was. After a signature has run once its
+# kernels are compiled and loaded, and no copies are taken; a later failure of that signature is a
+# device fault, not a kernel that cannot run here: it raises KernelError (state may be partial).
+# ---------------------------------------------------------------------------------------------
+
+OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv")
+
+
+class KernelFallbackWarning(RuntimeWarning):
+    """backend="auto": an op's Triton kernel failed; the op runs the PyTorch reference for that key."""
+
+
+class KernelError(RuntimeError):
+    """backend="triton" (or a skip_conv signature that ran before): a Triton kernel failed; the
+    original error is chained (__cause__)."""
+
+
+_lock = threading.Lock()  # guards _counts, _fallbacks and _proven
+_counts = {op: {"triton": 0, "torch": 0} for op in OPS}
+_fallbacks: dict = {op: {} for op in OPS}  # op -> {key: error string}: keys that stay on the reference
+_proven: set = set()  # skip_conv launch signatures that ran on Triton in this process
+_PROVEN_MAX = 4096  # forgetting only costs one snapshot more
+
+
+def kernel_report(reset: bool = False) -> dict:
+    """Where each op ran: {op: {"triton": n, "torch": n, "fallbacks": [(key, error), ...]}}.
+
+    Counts are calls since process start or since the last kernel_report(reset=True) (which
+    returns the counts it zeroes). "torch" counts reference runs (backend="torch", non-CUDA tensors
+    under "auto", fallbacks). "fallbacks" lists the keys ((dtype, device type, layout signature))
+    whose Triton kernel failed under "auto" and that stay on the reference for the process's life
+    (reset does not clear them). Counted on the host when the Python op runs: calls inside
+    torch.compile'd code and CUDA graph replays are not counted."""
+    with _lock:
+        report = {op: {"triton": c["triton"], "torch": c["torch"], "fallbacks": list(_fallbacks[op].items())}
+                  for op, c in _counts.items()}
+        if reset:
+            for c in _counts.values():
+                c["triton"] = c["torch"] = 0
+    return report
+
+
+def _forget_fallbacks() -> None:
+    """Private, for tests: clear the fallback registry, the proven signatures and the counts."""
+    with _lock:
+        for op in OPS:
+            _fallbacks[op].clear()
+            _counts[op]["triton"] = _counts[op]["torch"] = 0
+        _proven.clear()
+
+
+def _count(op: str, where: str) -> None:
+    with _lock:
+        _counts[op][where] += 1
+
+
+def _layout(t: Optional[torch.Tensor]) -> Optional[str]:
+    if t is None:
+        return None
+    if t.is_contiguous():
+        return "contiguous"
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "strided"
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip()
+    if len(text) > 500:
+        text = text[:500] + " ..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _on_reference(op: str, key_fn) -> bool:
+    """backend="auto": has this op's key fallen back before? Cheap while the op has no fallbacks
+    (the key is not even built); a racing registration at worst costs one more failed attempt."""
+    if not _fallbacks[op]:
+        return False
+    key = key_fn()
+    with _lock:
+        return key in _fallbacks[op]
+
+
+def _register(op: str, key: tuple, e: BaseException, stacklevel: int = 4) -> None:
+    error = _describe(e)
+    with _lock:
+        if key in _fallbacks[op]:  # another thread got there first: it warned
+            return
+        _fallbacks[op][key] = error
+    dtype, device_type, _ = key
+    warnings.warn(f"frkern: {op}'s Triton kernel failed on {dtype} {device_type} tensors (key {key[2]}); "
+                  f"backend='auto' runs the PyTorch reference for this op and key from now on. Error: {error}",
+                  KernelFallbackWarning, stacklevel=stacklevel)
+
+
+def _failed(op: str, key: tuple, e: BaseException, detail: str = "") -> KernelError:
+    return KernelError(f"frkern: the Triton kernel for {op} ({key[0]}, {key[1]}, {key[2]}) failed{detail}: "
+                       f"{_describe(e)}")
+
+
+def _arguments_ok(check_fn) -> bool:
+    """After a failure: do the kernel's own argument checks pass? (Not run on the hot path.)"""
+    try:
+        check_fn()
+    except Exception:
+        return False
+    return True
+
+
+def _guarded(op: str, backend: str, key_fn, check_fn, triton_fn, reference_fn):
+    """The Triton path of an out-of-place op (nothing it writes is visible unless it returns)."""
+    if backend == "auto" and _on_reference(op, key_fn):
+        out = reference_fn()
+        _count(op, "torch")
+        return out
+    try:
+        out = triton_fn()
+    except torch.OutOfMemoryError:
+        raise  # not a kernel that cannot run here (the reference needs more memory): nothing registered
+    except Exception as e:
+        if not _arguments_ok(check_fn):
+            raise  # the call is at fault (ValueError from the kernel's checks), under every backend
+        key = key_fn()
+        if backend != "auto":
+            raise _failed(op, key, e) from e
+        # If the reference refuses the call too, the call is at fault, not the kernel: its error
+        # propagates (the Triton error as context) and nothing is registered.
+        out = reference_fn()
+        _register(op, key, e)
+        _count(op, "torch")
+        return out
+    _count(op, "triton")
+    return out
+
+
 def group_norm_act(
     x: torch.Tensor,
     norm: torch.nn.GroupNorm,
@@ -102,24 +269,73 @@ def group_norm_act(
     backend: str = "auto",
 ) -> torch.Tensor:
     """act(norm(x + add + add_channel[:, :, None, None]))."""
-    if use_triton(backend, x):
-        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu, False)[0]
-    return _gn.group_norm_act_reference(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu)[0]
+
+    def reference():
+        return _gn.group_norm_act_reference(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel,
+                                            silu)[0]
+
+    if not use_triton(backend, x):
+        out = reference()
+        if not torch.compiler.is_compiling():
+            _count("group_norm_act", "torch")
+        return out
+    if torch.compiler.is_compiling():  # traced as one op; no host-side bookkeeping in the graph
+        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu,
+                                  False)[0]
+
+    def key():
+        return (x.dtype, x.device.type, (x.shape[1], norm.num_groups, norm.weight is not None, norm.bias is not None,
+                                         silu, _layout(x), _layout(add), _layout(add_channel)))
+
+    def triton_path():
+        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu,
+                                  False)[0]
+
+    def check():
+        _gn.check_group_norm_args(x, norm.weight, norm.bias, norm.num_groups, add, add_channel)
+
+    return _guarded("group_norm_act", backend, key, check, triton_path, reference)
 
 
 def score_mix(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float, *, backend: str = "auto") -> torch.Tensor:
     """mix * eps_fr + (1 - mix) * eps_key."""
-    if use_triton(backend, eps_fr):
+
+    def reference():
+        _sm.check_score_mix_args(eps_fr, eps_key, mix)
+        return _sm.score_mix_reference(eps_fr, eps_key, mix)
+
+    if not use_triton(backend, eps_fr):
+        out = reference()
+        if not torch.compiler.is_compiling():
+            _count("score_mix", "torch")
+        return out
+    if torch.compiler.is_compiling():
         return _score_mix_op(eps_fr, eps_key, float(mix))
-    _sm.check_score_mix_args(eps_fr, eps_key, mix)
-    return _sm.score_mix_reference(eps_fr, eps_key, mix)
+    return _guarded(
+        "score_mix", backend,
+        lambda: (eps_fr.dtype, eps_fr.device.type, (_layout(eps_fr), _layout(eps_key))),
+        lambda: _sm.check_score_mix_args(eps_fr, eps_key, mix),
+        lambda: _score_mix_op(eps_fr, eps_key, float(mix)),
+        reference,
+    )
 
 
 def geglu(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """h * gelu(gate) for (h, gate) = x.chunk(2, -1)."""
-    if use_triton(backend, x):
+    if not use_triton(backend, x):
+        out = _gg.geglu_reference(x)
+        if not torch.compiler.is_compiling():
+            _count("geglu", "torch")
+        return out
+    if torch.compiler.is_compiling():
         return _geglu_op(x)
-    return _gg.geglu_reference(x)
+    return _guarded(
+        "geglu", backend,
+        lambda: (x.dtype, x.device.type, (x.shape[-1], _layout(x))),
+        lambda: _gg.check_geglu_args(x),
+        lambda: _geglu_op(x),
+        lambda: _gg.geglu_reference(x),
+    )
 
 
 _warned: set = set()
@@ -141,15 +357,72 @@ def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding
     triton: the tile-predicated Triton convolution, in place: x_ref and z are updated and returned
     (the output is z itself). torch: the PyTorch reference, out of place (x_ref and z untouched).
     conv (a callable, e.g. a LoRA-adapted convolution): always the reference, which calls it densely
-    (the Triton kernel reads one weight tensor); said once with a warning when Triton was asked for."""
+    (the Triton kernel reads one weight tensor); said once with a warning when Triton was asked for.
+    A Triton failure under "auto" runs the reference with x_ref and z as they were before the call
+    (see the fallback notes above)."""
+    counting = not torch.compiler.is_compiling()
+
+    def reference():
+        out = _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding, conv=conv)
+        if counting:
+            _count("skip_conv", "torch")
+        return out
+
     if conv is not None:
         if use_triton(backend, x):
             _warn_once("skip_conv_callable", "frkern: SkipConv on an adapted convolution (LoRA layer or casting "
                        "hooks) runs the PyTorch reference (dense convolution, same values), not the Triton kernel")
-        return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding, conv=conv)
-    if use_triton(backend, x):
-        _sc.check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
-        pad = list(padding) if isinstance(padding, (tuple, list)) else [padding, padding]
+        return reference()
+    if not use_triton(backend, x):
+        return reference()
+    _sc.check_skip_conv_args(x, x_ref, z, weight, tile, threshold, padding)
+    pad = list(padding) if isinstance(padding, (tuple, list)) else [padding, padding]
+    if not counting:
         active, affected = _skip_conv_op(x, x_ref, z, weight, bias, tile, float(threshold), pad)
         return z, x_ref, active, affected
-    return _sc.skip_conv_reference(x, x_ref, z, weight, bias, tile, threshold, padding)
+    op = "skip_conv"
+
+    def key():
+        return (x.dtype, x.device.type, (x.shape[1], weight.shape[0], weight.shape[-1], tile, bias is not None,
+                                         _layout(x), _layout(x_ref), _layout(z), _layout(weight)))
+
+    if backend == "auto" and _on_reference(op, key):
+        return reference()
+    # What Triton specializes and loads the three kernels on (z's and bias's shapes follow from x's
+    # and weight's, checked). Addresses are read on the host, no device read; an operand off 16-byte
+    # alignment (a view) is never counted as proven: such calls always run on a snapshot.
+    aligned = not ((x.data_ptr() | x_ref.data_ptr() | z.data_ptr() | weight.data_ptr()
+                    | (0 if bias is None else bias.data_ptr())) & 15)
+    signature = (x.device, x.dtype, x.shape, weight.shape, bias is None, tile, x.stride(), x_ref.stride(),
+                 z.stride(), weight.stride())
+    with _lock:
+        proven = aligned and signature in _proven
+    saved = None
+    if not proven:
+        with torch.no_grad():
+            saved = (x_ref.clone(), z.clone())
+    try:
+        active, affected = _skip_conv_op(x, x_ref, z, weight, bias, tile, float(threshold), pad)
+    except Exception as e:
+        if saved is not None:  # the caller's state back as it was before the launch
+            with torch.no_grad():
+                x_ref.copy_(saved[0])
+                z.copy_(saved[1])
+        if isinstance(e, torch.OutOfMemoryError) or not _arguments_ok(
+                lambda: _sc.check_skip_conv_tensors(x, x_ref, z, weight, bias)):
+            raise  # not a kernel that cannot run here: nothing registered, the state as it was
+        if saved is None:
+            raise _failed(op, key(), e, " on a launch signature that had run before (x_ref and z may be partly "
+                          "updated, so the reference does not stand in)") from e
+        if backend != "auto":
+            raise _failed(op, key(), e) from e
+        out = reference()  # raises if the call itself is at fault: nothing registered then
+        _register(op, key(), e, stacklevel=3)
+        return out
+    if saved is not None and aligned:
+        with _lock:
+            if len(_proven) >= _PROVEN_MAX:
+                _proven.clear()
+            _proven.add(signature)
+    _count(op, "triton")
+    return z, x_ref, active, affected
