@@ -206,12 +206,16 @@ def group_norm_act_triton(
     )
     w = weight if weight is not None else x
     bb = bias if bias is not None else x
+    # 8 warps: 16 elements per thread of a 4096-element block (with 4, ptxas 13 spills at 640
+    # channels for sm_90; bench/aot_compile.py). The only reduction here, the merge of the chunks'
+    # statistics, has at most 128 values at SD/SDXL sizes (one per lane of at most 4 warps, the
+    # other warps hold copies), so it sums in the same order with 4 or 8 warps.
     launch(_group_norm_apply_kernel)[grid](
         x, a, ch, part, w, bb, y, s, C, HW, G, nchunk, float(eps),
         *sx, *sa, scb, scc, *sy, *ss,
         HAS_ADD=add is not None, HAS_CHAN=add_channel is not None,
         HAS_W=weight is not None, HAS_B=bias is not None, SILU=silu, WRITE_SUM=write_sum,
-        CPG=CPG, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW, BLOCK_CHUNK=max(2, triton.next_power_of_2(nchunk)),
+        CPG=CPG, BLOCK_C=BLOCK_C, BLOCK_HW=BLOCK_HW, BLOCK_CHUNK=max(2, triton.next_power_of_2(nchunk)), num_warps=8,
     )
     return y, (s if write_sum else None)
 
