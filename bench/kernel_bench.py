@@ -3,7 +3,8 @@
     python bench/kernel_bench.py --out bench/results        # needs CUDA; writes kernels_<device>_<dtype>.csv
                                                             # (to bench/results/local/ without --out)
 
-Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at 1024x1024.
+Shapes are the SD1.5 UNet's at 512x512 (latent 64x64, CFG batch 2) and SDXL's at 1024x1024
+(--shapes sd15 or sdxl: one model's only).
 Reports medians of triton.testing.do_bench (CUDA events, warm-up), the ratio unfused / fused,
 and the achieved bandwidth against the bytes the fused kernel must move. Correctness is checked
 before timing (max abs error vs the reference); a failing case is not timed.
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# frkern is imported as installed (pip install -e . or the GPU round's install), never from the
+# repository root: on sys.path that root would also expose kernels/ as a top-level `kernels` module.
 from options import add_out  # noqa: E402
 from options import parser as new_parser  # noqa: E402
 from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
@@ -53,6 +55,7 @@ SMOKE_SKIP = [("smoke 9x7x20", 1, 20, 9, 7, 4)]
 SKIP_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 SKIP_THRESHOLD = 0.1
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
+CASES = ("group_norm", "score_mix", "geglu", "skip_conv")
 
 
 def parser():
@@ -61,7 +64,14 @@ def parser():
                     help="dtype of every tensor")
     add_out(ap, "the CSV")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, one untimed-quality run each")
+    ap.add_argument("--shapes", default="all", choices=["all", "sd15", "sdxl"], help="whose layer shapes to time")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="which kernels to run")
     return ap
+
+
+def of_model(shapes: list, which: str) -> list:
+    """The shapes (name first) of one model, or all."""
+    return [s for s in shapes if which == "all" or s[0].startswith(which + " ")]
 
 
 def main(argv=None):
@@ -80,9 +90,20 @@ def main(argv=None):
             sys.exit("bench/kernel_bench.py times GPU kernels: no CUDA device here (--smoke runs tiny shapes anywhere)")
         import triton.testing
 
-        device, shapes, n_mix = "cuda", GN_SHAPES, (2 * 4 * 64 * 64, 2 * 4 * 128 * 128)
-        geglu_shapes, skip_shapes, skip_formats = GEGLU_SHAPES, SKIP_SHAPES, ("nchw", "channels_last")
+        device, shapes = "cuda", of_model(GN_SHAPES, args.shapes)
+        n_mix = [n for model, n in (("sd15", 2 * 4 * 64 * 64), ("sdxl", 2 * 4 * 128 * 128))
+                 if args.shapes in ("all", model)]
+        geglu_shapes, skip_shapes = of_model(GEGLU_SHAPES, args.shapes), of_model(SKIP_SHAPES, args.shapes)
+        skip_formats = ("nchw", "channels_last")
         bench = lambda fn: triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")  # noqa: E731
+    if "group_norm" not in args.cases:
+        shapes = []
+    if "score_mix" not in args.cases:
+        n_mix = []
+    if "geglu" not in args.cases:
+        geglu_shapes = []
+    if "skip_conv" not in args.cases:
+        skip_shapes = []
     rows = []
     for name, B, C, H, W in shapes:
         for fmt in ("nchw", "channels_last"):
@@ -136,7 +157,7 @@ def main(argv=None):
         for fmt in skip_formats:
             for frac in SKIP_FRACTIONS:
                 rows.append(skip_conv_case(name, B, C, H, W, tile, fmt, frac, dtype, args.dtype, device, bench))
-                print(row)
+                print(rows[-1])
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
     stem = os.path.join(args.out, f"kernels_{dev}_{args.dtype}")

@@ -8,7 +8,30 @@ For every method it measures, side by side in one run: the time of one UNet call
 torch.utils.flop_counter on the real loop), and the relative deviation of the final latents from
 full compute (diffusers eager) from the same noise. Before timing, NoReuse through frkern must
 match the unpatched UNet (max relative error under the dtype's tolerance); a configuration that
-fails is not timed.
+fails is not timed. Every graphed or compiled variant is checked against its eager run ("vs eager":
+frkern rows against the eager frkern run of the same policy and backend, which is run untimed when
+it is not a row itself, and are not timed when they differ; the plain-UNet baselines against
+diffusers eager, flagged in the note when they differ).
+
+Rows: diffusers eager (always); --cuda-graph: the plain UNet captured in one CUDA graph, replayed
+once per step; --compile: torch.compile of the plain UNet (default, and on CUDA + CUDA graphs) and
+every frkern row compiled; --compile-graph: only the torch.compile + CUDA graph baseline
+(mode="reduce-overhead"); the `deepcache` package for every DeepCache policy given (if installed);
+frkern NoReuse and every --policies spec, per --backends and --graphs (--no-frkern: none).
+
+What is synchronized where (CUDA). Inside a timed generation the harness never makes the host wait
+for the device: the scheduler, its timesteps and the CFG inputs are made before the timing starts,
+the UNet gets each step's timestep as a device tensor (made once, in advance) and DDIM's step gets
+the same timestep as a Python int (its alphas live on the host; a device timestep would make every
+step read it back), nothing is read from the device (no .item(), no float(), no printing) and
+nothing is synchronized between steps. A sample is timed with two CUDA events recorded on the
+current stream around its runs (one generation, or `number` back-to-back calls of a short call),
+after one torch.cuda.synchronize() that drains earlier work, and one event synchronize after the
+end event; parity, deviation, FLOP counting and graph capture all happen in each row's untimed set-up.
+What is left inside a generation is the method's own: Adaptive's probe reads one scalar per
+deciding call (its documented host wait) and the `deepcache` package looks the timestep up with
+.item() on every call. The "host syncs/gen" column counts them, on one untimed generation per row
+run under torch.cuda.set_sync_debug_mode("warn") (CUDA only; "-" elsewhere).
 
 Timings are medians of interleaved repeats: every row is set up first (each on its own copy of the
 UNet sharing the weights), then repeat r times every row before repeat r+1 starts, so a slow spell
@@ -29,18 +52,80 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
-from configs import CONFIGS, TEXT  # noqa: E402
-from flops import count_gflop  # noqa: E402
+from configs import CONFIGS  # noqa: E402  (stdlib only, like options: --help needs no torch)
 from options import add_out  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+
+# A row whose repeats spread wider than this, relative to their median, is flagged as noisy.
+MAX_SPREAD = 0.2
+# --config dry: SD1.5's block types at a size where a CPU call takes milliseconds (random weights),
+# for dry runs of every code path (bench/gpu/round.sh --cpu); its timings mean nothing.
+DRY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+           down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+           cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
+DRY_TEXT = (4, None)  # text length, pooled width
+DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3,score_mix=false",
+                    "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
+
+
+def parser():
+    """The command line; needs no torch, so that --help answers before torch and diffusers load."""
+    ap = new_parser(__doc__)
+    ap.add_argument("--config", default="tiny", choices=["tiny", "dry"] + sorted(CONFIGS),
+                    help="tiny: the trained model in bench/assets (real weights); dry: a minimal SD layout for dry "
+                         "runs (timings mean nothing); others: real layouts, random weights")
+    ap.add_argument("--steps", type=int, default=50, help="DDIM steps per generation")
+    ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                    help="dtype of the UNet and its inputs (default: float16 on CUDA, float32 on CPU)")
+    ap.add_argument("--device", default=None,
+                    help="torch device to run on (default: cuda if available, else cpu)")
+    ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES,
+                    help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5 "
+                         "(frkern NoReuse is always timed too, unless --no-frkern)")
+    ap.add_argument("--backends", nargs="*", default=None,
+                    help="frkern backends to time (default: torch, plus triton on CUDA)")
+    ap.add_argument("--no-frkern", action="store_true",
+                    help="time only the plain-UNet rows (diffusers eager, --cuda-graph, --compile/--compile-graph, "
+                         "the deepcache package), no frkern row")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time torch.compile of the plain UNet (and, on CUDA, compile + CUDA graph), "
+                         "and each frkern policy with its network compiled (handle.compile())")
+    ap.add_argument("--compile-graph", action="store_true",
+                    help="also time torch.compile(mode='reduce-overhead') of the plain UNet (compile + CUDA "
+                         "graphs), without the other compiled rows")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
+    ap.add_argument("--cuda-graph", action="store_true", help="also time the plain UNet captured in a CUDA graph")
+    ap.add_argument("--graphs", default=None, choices=["off", "on", "both"],
+                    help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
+    ap.add_argument("--emulate-graphs", action="store_true",
+                    help="CPU dry runs: every CUDA graph (frkern's and --cuda-graph's) through "
+                         "frkern.graphs.EmulatedCapture, which re-runs the captured function on replay")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="interleaved repeats per timing, after warm-up (default: 10 on CUDA, 5 on CPU)")
+    ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
+                    help="flag a row whose (max - min) / median of repeats exceeds this")
+    add_out(ap, "the JSON and markdown results")
+    ap.add_argument("--tag", default="", help="suffix of the result files (several runs, one folder)")
+    return ap
+
+
+if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
+    parser().parse_args()  # prints the help and exits before torch, diffusers and frkern load
+
+import torch  # noqa: E402
+
+import frkern  # noqa: E402
+import frkern.graphs  # noqa: E402
+from configs import TEXT  # noqa: E402
+from flops import count_gflop  # noqa: E402
 from record import device_name, provenance  # noqa: E402
 
 # Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
@@ -48,8 +133,6 @@ GRAPH_CAPTURE = None
 PARITY_RTOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Compiled variants reorder arithmetic; after N steps their latents drift further from eager's.
 COMPILED_RTOL = 1e-2
-# A row whose repeats spread wider than this, relative to their median, is flagged as noisy.
-MAX_SPREAD = 0.2
 # One sample runs a short call back to back until it lasts this long, so that timer resolution
 # and launch jitter do not dominate a 2 ms UNet call.
 MIN_SAMPLE_MS = 20.0
@@ -67,6 +150,8 @@ class Row:
     ms_reuse_call: float = float("nan")
     ms_per_gen: float = float("nan")
     deviation: float = float("nan")
+    vs_eager: float | None = None  # rel. difference of the final latents (one call: output) from its eager run
+    syncs: int | None = None  # host-device synchronizations in one generation (CUDA only)
     spread: dict = field(default_factory=dict)  # timed field -> (max - min) / median of its repeats
     samples: dict = field(default_factory=dict)  # timed field -> ms of each repeat, in order
     noisy: bool = False  # some timed field's spread is over --max-spread
@@ -84,6 +169,18 @@ class Timing:
     setup: Callable[[], object] = lambda: None
     number: int = 1  # back-to-back runs per sample (set by warm_up)
     samples: list = field(default_factory=list)  # ms per run, one per repeat
+    failed: bool = False  # raised once: not run again, the row's note says why
+
+
+def failure(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"failed: {type(e).__name__}: {text[:200]}"
+
+
+def note_failure(row: Row, e: BaseException) -> None:
+    """One row's failure goes into its note; the other rows go on (a GPU round has one try)."""
+    row.note = "; ".join(filter(None, [row.note, failure(e)]))
+    print(f"{row.method} [{row.backend}]: {failure(e)}", file=sys.stderr)
 
 
 class Summary(NamedTuple):
@@ -121,8 +218,10 @@ def build_unet(config: str, dtype, device):
 
         return load(device=device, dtype=dtype)[0]
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**CONFIGS[config]).eval().to(device=device, dtype=dtype)
-    return unet
+    # initialised where it runs: SD1.5's 860M parameters take seconds to initialise on a CPU
+    with torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
+        unet = UNet2DConditionModel(**(DRY if config == "dry" else CONFIGS[config]))
+    return unet.eval().to(device=device, dtype=dtype)
 
 
 def make_inputs(config, unet, batch, dtype, device, seed=0):
@@ -135,7 +234,7 @@ def make_inputs(config, unet, batch, dtype, device, seed=0):
         labels = torch.randint(0, tokens.num_classes, (batch,), generator=g).to(device)
         ehs = torch.cat([tokens(torch.full_like(labels, tokens.num_classes)), tokens(labels)])
         return torch.randn(batch, 3, size, size, generator=g).to(device, dtype), ehs, {}
-    text_len, pooled = TEXT[config]
+    text_len, pooled = DRY_TEXT if config == "dry" else TEXT[config]
     latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(device, dtype)
     ehs = torch.randn(2 * batch, text_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
     kw = {}
@@ -155,24 +254,41 @@ def scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def sample_loop(unet_fn, latents, ehs, kw, steps, handle=None, guidance=7.5):
-    """CFG DDIM loop; unet_fn(x, t, ehs, **kw) -> eps for the doubled batch."""
+class Sampler(NamedTuple):
+    """A DDIM scheduler with its timesteps set, made once, outside any timed region: `t_device`
+    (one 0-dim device tensor per step, for the UNet) and `t_host` (the same steps as Python ints,
+    for DDIM's step, whose alphas live on the host)."""
+
+    scheduler: object
+    t_device: list
+    t_host: list
+
+
+def make_sampler(steps: int, device) -> Sampler:
     sch = scheduler()
-    sch.set_timesteps(steps, device=latents.device)
+    sch.set_timesteps(steps, device=device)
+    return Sampler(sch, list(sch.timesteps), [int(t) for t in sch.timesteps.cpu()])
+
+
+def sample_loop(unet_fn, latents, ehs, kw, sampler: Sampler, handle=None, guidance=7.5):
+    """CFG DDIM loop; unet_fn(x, t, ehs, **kw) -> eps for the doubled batch. Never waits for the
+    device: no read of a device value, no synchronization (see the module docstring)."""
     if handle is not None:
-        handle.begin(steps)
+        handle.begin(len(sampler.t_host))
     x = latents
-    for i, t in enumerate(sch.timesteps):
+    for i, (t, t_host) in enumerate(zip(sampler.t_device, sampler.t_host)):
         if handle is not None:
             handle.set_step(i)
         eps = unet_fn(torch.cat([x, x]), t, ehs, **kw)
         u, c = eps.chunk(2)
-        x = sch.step(u + guidance * (c - u), t, x).prev_sample
+        x = sampler.scheduler.step(u + guidance * (c - u), t_host, x).prev_sample
     return x
 
 
 def clock(device) -> Callable[[Callable, int], float]:
-    """measure(fn, number): ms per call of `number` back-to-back calls of fn (CUDA events on a GPU)."""
+    """measure(fn, number): ms per call of `number` back-to-back calls of fn (CUDA events on a GPU:
+    one synchronize before the start event drains earlier work, nothing in between, one event
+    synchronize after the end event)."""
     if device.type == "cuda":
         def cuda_ms(fn, number):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -199,17 +315,27 @@ def warm_up(timings: list[Timing], measure, runs: int) -> None:
     """Run each timing `runs` times untimed (lazy init, graph capture, compilation) and size its
     samples from the last run."""
     for t in progress(timings, "warm-up"):
-        for _ in range(runs):
-            t.setup()
-            ms = measure(t.run, 1)
+        try:
+            for _ in range(runs):
+                t.setup()
+                ms = measure(t.run, 1)
+        except Exception as e:
+            t.failed = True
+            note_failure(t.row, e)
+            continue
         t.number = max(1, math.ceil(MIN_SAMPLE_MS / max(ms, 1e-6)))
 
 
 def time_interleaved(timings: list[Timing], measure, repeats: int, max_spread: float, after_round=None) -> None:
     """Sample every timing once per round, rounds in order; rows get medians after each round."""
     for i, (_, t) in enumerate(progress(interleaved(timings, repeats), "timing")):
-        t.setup()
-        t.samples.append(measure(t.run, t.number))
+        if not t.failed:
+            try:
+                t.setup()
+                t.samples.append(measure(t.run, t.number))
+            except Exception as e:
+                t.failed = True
+                note_failure(t.row, e)
         if (i + 1) % len(timings) == 0:
             record_timings(timings, max_spread)
             if after_round is not None:
@@ -248,11 +374,12 @@ class Workload:
     def __post_init__(self):  # the single-call timings: the CFG-doubled batch at t = 500
         self.call_args = ((torch.cat([self.latents, self.latents]), torch.tensor(500, device=self.latents.device),
                            self.ehs), self.kw)
+        self.sampler = make_sampler(self.steps, self.latents.device)
 
     def generate(self, model, handle=None):
         """Final latents of the CFG DDIM loop through `model` (a UNet, or called like one)."""
         return sample_loop(lambda x, t, e, **k: model(x, t, e, **k).sample, self.latents, self.ehs, self.kw,
-                           self.steps, handle, GUIDANCE)
+                           self.sampler, handle, GUIDANCE)
 
     def call(self, model):
         return model(*self.call_args[0], **self.call_args[1])
@@ -260,6 +387,34 @@ class Workload:
 
 def rel(a, b) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+SYNC_WARNING = "synchroniz"  # in the text of the warning torch.cuda.set_sync_debug_mode("warn") raises
+
+
+def count_syncs(fn, device) -> int | None:
+    """How many times the host waits for the device while fn runs: every synchronizing CUDA call
+    (.item(), float(), copies to the host or from pageable host memory, torch.cuda.synchronize)
+    warns under torch.cuda.set_sync_debug_mode("warn"). None off CUDA, or where the warning does not
+    come through (checked on a known sync first)."""
+    if device.type != "cuda":
+        return None
+
+    def counted(f):
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                f()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        return sum(SYNC_WARNING in str(w.message) for w in caught)
+
+    probe = torch.ones(1, device=device)
+    if counted(lambda: probe.sum().item()) < 1:
+        return None
+    return counted(fn)
 
 
 def parity(unet, args_call, backend, dtype) -> float:
@@ -275,7 +430,7 @@ def parity(unet, args_call, backend, dtype) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def policy_from_spec(spec: str) -> frkern.Policy:
+def policy_from_spec(spec: str) -> "frkern.Policy":
     """'FRDiff:interval=3,score_mix=False' -> FRDiff(interval=3, score_mix=False)."""
     name, _, argstr = spec.partition(":")
     data = {"policy": name}
@@ -285,55 +440,24 @@ def policy_from_spec(spec: str) -> frkern.Policy:
     return frkern.policies.policy_from_dict(data)
 
 
-DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3,score_mix=false",
-                    "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
-
-
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--config", default="tiny", choices=["tiny"] + sorted(CONFIGS),
-                    help="tiny: the trained model in bench/assets (real weights); others: real layouts, random weights")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps per generation")
-    ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
-    ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                    help="dtype of the UNet and its inputs (default: float16 on CUDA, float32 on CPU)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                    help="torch device to run on")
-    ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES,
-                    help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5 "
-                         "(frkern NoReuse is always timed too)")
-    ap.add_argument("--backends", nargs="*", default=None,
-                    help="frkern backends to time (default: torch, plus triton on CUDA)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time torch.compile of the plain UNet (and, on CUDA, compile + CUDA graph), "
-                         "and each frkern policy with its network compiled (handle.compile())")
-    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
-    ap.add_argument("--cuda-graph", action="store_true", help="also time the plain UNet captured in a CUDA graph")
-    ap.add_argument("--graphs", default=None, choices=["off", "on", "both"],
-                    help="frkern with cuda_graphs off/on (default: both on CUDA, off elsewhere)")
-    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
-    ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved repeats per timing, after warm-up (default: 10 on CUDA, 5 on CPU)")
-    ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
-                    help="flag a row whose (max - min) / median of repeats exceeds this")
-    add_out(ap, "the JSON and markdown results")
-    ap.add_argument("--tag", default="", help="suffix of the result files (several runs, one folder)")
-    return ap
-
-
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     backends = args.backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
+    if args.no_frkern:
+        backends = []
     graph_modes = {"off": [False], "on": [True], "both": [False, True]}[
         args.graphs or ("both" if device.type == "cuda" else "off")]
-    if True in graph_modes and device.type != "cuda" and GRAPH_CAPTURE is None:
-        ap.error("--graphs on/both needs --device cuda")
+    # None: real CUDA graphs (frkern.graphs.cuda_capture)
+    args.graph_capture = GRAPH_CAPTURE or (frkern.graphs.EmulatedCapture() if args.emulate_graphs else None)
+    if (True in graph_modes or args.cuda_graph) and device.type != "cuda" and args.graph_capture is None:
+        ap.error("--graphs on/both and --cuda-graph need --device cuda (or --emulate-graphs)")
     args.repeats = args.repeats or (10 if device.type == "cuda" else 5)
-    with recompiles_allowed() if args.compile else contextlib.nullcontext():
+    compiling = args.compile or args.compile_graph
+    with recompiles_allowed() if compiling else contextlib.nullcontext():
         return run(args, device, dtype, backends, graph_modes)
 
 
@@ -351,17 +475,22 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
         ok = e <= PARITY_RTOL[dtype]
         print(f"parity NoReuse[{b}] vs unpatched: max rel err {e:.2e} (tol {PARITY_RTOL[dtype]:.0e}) {'ok' if ok else 'FAILED'}")
 
-    # Set up every row (untimed: calls, FLOPs, deviation), then time them all interleaved.
+    # Set up every row (untimed: calls, FLOPs, deviation, its check against eager, host syncs),
+    # then time them all interleaved.
     work.x_ref = work.generate(unet)
-    rows, timings = eager_row(unet, work)
-    if args.cuda_graph and device.type == "cuda":
-        add(rows, timings, cuda_graph_row(unet, work))
+    rows, timings = eager_row(unet, work, device)
+    if args.cuda_graph:
+        add(rows, timings, attempt(lambda: cuda_graph_row(unet, work, device, dtype, args.graph_capture),
+                                   "diffusers eager in one CUDA graph"))
     if args.compile:
-        add(rows, timings, compiled_row(unet, work, args.compile_backend))
-        if device.type == "cuda":
-            add(rows, timings, compiled_row(unet, work, args.compile_backend, mode="reduce-overhead"))
-    add(rows, timings, deepcache_package_rows(args.policies, unet, work))
-    handles = add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype,
+        add(rows, timings, attempt(lambda: compiled_row(unet, work, device, args.compile_backend),
+                                   "torch.compile (default)"))
+    if (args.compile and device.type == "cuda") or args.compile_graph:
+        add(rows, timings, attempt(lambda: compiled_row(unet, work, device, args.compile_backend,
+                                                        mode="reduce-overhead"),
+                                   "torch.compile + CUDA graph (mode reduce-overhead)"))
+    add(rows, timings, attempt(lambda: deepcache_package_rows(args.policies, unet, work, device), "DeepCache package"))
+    handles = add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, device,
                               on_row=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
 
     measure = clock(device)
@@ -371,7 +500,8 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
                      after_round=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
     for row, handle in handles:
         if "+graphs" in row.backend:
-            row.note = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
+            graphs = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
+            row.note = "; ".join(filter(None, [row.note, graphs]))
         handle.unpatch()
     report(rows, args, device, dtype, parity_errors)
     return rows
@@ -390,10 +520,21 @@ def add(rows: list, timings: list, made: tuple) -> None:
     timings += made[1]
 
 
-def eager_row(unet, work):
+def attempt(make: Callable[[], tuple], method: str) -> tuple:
+    """make() -> (rows, timings), or one row saying why it failed (the other rows go on)."""
+    try:
+        return make()
+    except Exception as e:
+        row = Row(method)
+        note_failure(row, e)
+        return [row], []
+
+
+def eager_row(unet, work, device):
     """The reference: full compute, eager diffusers."""
     row = Row("diffusers eager", calls={"full": work.steps}, deviation=0.0)
     row.gflop_per_gen = count_gflop(lambda: work.generate(unet))
+    row.syncs = count_syncs(lambda: work.generate(unet), device)
     return [row], [Timing(row, "ms_per_gen", lambda: work.generate(unet)),
                    Timing(row, "ms_full_call", lambda: work.call(unet))]
 
@@ -409,11 +550,13 @@ def frkern_variants(args, backends, graph_modes) -> list[tuple[str, str, bool, b
     return [(b, spec, g, c) for b in backends for spec in ["NoReuse"] + list(args.policies) for g, c in variants]
 
 
-def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, on_row):
+def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, device, on_row):
     """One row per frkern variant, each on its own patched copy of the UNet; returns (row, handle)
-    of the timed ones (unpatched after the timings)."""
+    of the timed ones (unpatched after the timings). Every variant is checked against the eager
+    run of its (backend, policy) (no graphs, not compiled): the eager variant itself when it is a
+    row, else an untimed eager run made for the check (its FLOPs are the row's)."""
     handles = []
-    first = {}  # (backend, spec) -> (latents, GFLOP) of its first variant, which the others must match
+    eager = {}  # (backend, spec) -> (final latents, GFLOP) of its eager run
     failed = set()
     for backend, spec, graphs, compiled in progress(frkern_variants(args, backends, graph_modes), "frkern rows"):
         if parity_errors[backend] > PARITY_RTOL[dtype]:
@@ -422,32 +565,67 @@ def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, pari
                 rows.append(Row("frkern (all policies)", backend,
                                 note=f"not timed: parity failed ({parity_errors[backend]:.1e})"))
             continue
-        policy = policy_from_spec(spec)
         label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
-        model = shared_weights_copy(unet)
-        handle = frkern.patch(model, policy, backend=backend, cuda_graphs=graphs)
-        if graphs and GRAPH_CAPTURE is not None:
-            handle.graphs.capture = GRAPH_CAPTURE
+        row = Row(f"frkern {spec}", label)
+        try:
+            made = frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dtype, device)
+        except Exception as e:
+            note_failure(row, e)
+            made = None
+        rows.append(row)
+        if made is not None:
+            timings += made[0]
+            handles.append((row, made[1]))
+        on_row()
+    return handles
+
+
+def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dtype, device):
+    """Set up one frkern row (untimed); returns (its timings, its handle), or None when it is not
+    timed (its note says why)."""
+    policy = policy_from_spec(spec)
+    row.score_mix = score_mix_label(policy)
+    if (backend, spec) not in eager and (graphs or compiled):  # the eager run, for the check only
+        ref_model = shared_weights_copy(unet)
+        ref_handle = frkern.patch(ref_model, policy, backend=backend)
+        eager[(backend, spec)] = (work.generate(ref_model, ref_handle),
+                                  gflop(lambda: work.generate(ref_model, ref_handle), row))
+        ref_handle.unpatch()
+        del ref_model, ref_handle
+    model = shared_weights_copy(unet)
+    handle = frkern.patch(model, policy, backend=backend, cuda_graphs=graphs)
+    try:
+        if graphs and args.graph_capture is not None:
+            handle.graphs.capture = args.graph_capture
         if compiled:
             handle.compile(backend=args.compile_backend)
-        row = Row(f"frkern {spec}", label, score_mix=score_mix_label(policy))
         x = work.generate(model, handle)
         row.calls = dict(handle.stats)
         row.deviation = rel(x, work.x_ref)
-        rows.append(row)
-        if (backend, spec) not in first:  # FLOPs do not depend on graphs or compilation
-            first[(backend, spec)] = (x, count_gflop(lambda: work.generate(model, handle)) if not (graphs or compiled)
-                                      else float("nan"))
-        x_first, row.gflop_per_gen = first[(backend, spec)]
-        if rel(x, x_first) > (COMPILED_RTOL if compiled else PARITY_RTOL[dtype]) or torch.isnan(x).any():
-            row.note = f"not timed: differs from eager {spec} by {rel(x, x_first):.1e}"
+        if (backend, spec) not in eager:  # FLOPs do not depend on graphs or compilation
+            eager[(backend, spec)] = (x, gflop(lambda: work.generate(model, handle), row))
+        x_eager, row.gflop_per_gen = eager[(backend, spec)]
+        row.vs_eager = rel(x, x_eager)
+        tol = COMPILED_RTOL if compiled else PARITY_RTOL[dtype]
+        if not row.vs_eager <= tol or torch.isnan(x).any():
+            row.note = f"not timed: differs from eager {spec} by {row.vs_eager:.1e} (tol {tol:.0e})"
             handle.unpatch()
-        else:
-            timings.append(Timing(row, "ms_per_gen", lambda m=model, h=handle: work.generate(m, h)))
-            timings += step_kind_timings(row, model, handle, policy, work)
-            handles.append((row, handle))
-        on_row()
-    return handles
+            return None
+        row.syncs = count_syncs(lambda: work.generate(model, handle), device)
+    except BaseException:
+        handle.unpatch()
+        raise
+    timings = [Timing(row, "ms_per_gen", lambda: work.generate(model, handle))]
+    return timings + step_kind_timings(row, model, handle, policy, work), handle
+
+
+def gflop(fn, row) -> float:
+    """count_gflop(fn), or NaN with a note when the FLOP counter cannot run fn."""
+    try:
+        return count_gflop(fn)
+    except Exception as e:
+        row.note = "; ".join(filter(None, [row.note, "FLOPs not counted: " + failure(e)[len("failed: "):]]))
+        return float("nan")
 
 
 def step_kind_timings(row, model, handle, policy, work) -> list[Timing]:
@@ -479,39 +657,44 @@ def step_kind_timings(row, model, handle, policy, work) -> list[Timing]:
     return timings + [Timing(row, "ms_reuse_call", reuse_call, reuse_setup)]
 
 
-def cuda_graph_row(unet, work):
+def cuda_graph_row(unet, work, device, dtype, capture=None):
+    """The plain UNet's call captured in one CUDA graph (frkern.graphs.cuda_capture: warm-up on a
+    side stream, private pool), replayed once per step; `capture` replaces it (emulated graphs)."""
     row = Row("diffusers eager in one CUDA graph", calls={"full": work.steps},
               note="per generation = steps x replay (UNet time only)")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            work.call(unet)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        work.call(unet)
+    replay, out = (capture or frkern.graphs.cuda_capture)(lambda: work.call(unet).sample)
+    replay()
+    row.vs_eager = rel(out, work.call(unet).sample)
+    if not row.vs_eager <= PARITY_RTOL[dtype]:
+        row.note = f"not timed: the replay differs from the eager call by {row.vs_eager:.1e}"
+        return [row], []
 
     def replay_steps():
         for _ in range(work.steps):
-            g.replay()
+            replay()
 
-    return [row], [Timing(row, "ms_per_gen", replay_steps), Timing(row, "ms_full_call", g.replay)]
+    row.syncs = count_syncs(replay_steps, device)
+    return [row], [Timing(row, "ms_per_gen", replay_steps), Timing(row, "ms_full_call", replay)]
 
 
-def compiled_row(unet, work, backend, mode=None):
+def compiled_row(unet, work, device, backend, mode=None):
     name = "torch.compile" + (" + CUDA graph (mode reduce-overhead)" if mode == "reduce-overhead" else " (default)")
     row = Row(name, backend, calls={"full": work.steps})
     cu = torch.compile(shared_weights_copy(unet), backend=backend, mode=mode)
     t0 = time.perf_counter()
     work.call(cu)
     row.note = f"compile {time.perf_counter() - t0:.0f} s"
-    row.deviation = rel(work.generate(cu), work.x_ref)
+    row.deviation = row.vs_eager = rel(work.generate(cu), work.x_ref)  # its eager run: diffusers eager
+    if not row.vs_eager <= COMPILED_RTOL:
+        row.note += f"; differs from eager by {row.vs_eager:.1e} (over {COMPILED_RTOL:.0e})"
+    row.syncs = count_syncs(lambda: work.generate(cu), device)
     return [row], [Timing(row, "ms_per_gen", lambda: work.generate(cu)), Timing(row, "ms_full_call", lambda: work.call(cu))]
 
 
-def deepcache_package_rows(policies, unet, work):
-    """The `deepcache` package's own helper, each interval on its own copy of the UNet, if installed."""
+def deepcache_package_rows(policies, unet, work, device):
+    """The `deepcache` package's own helper, each interval on its own copy of the UNet, if installed.
+    Used as in a diffusers pipeline: its scheduler's timesteps on the device, where the helper's
+    per-call lookup (t.item(), then an index search among them) makes the host wait (counted)."""
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:
@@ -532,7 +715,8 @@ def deepcache_package_rows(policies, unet, work):
 
         row = Row(f"DeepCache package {spec}", "deepcache 0.1.1")
         row.deviation = rel(run(), work.x_ref)
-        row.gflop_per_gen = count_gflop(run)
+        row.gflop_per_gen = gflop(run, row)
+        row.syncs = count_syncs(run, device)
         rows.append(row)
         timings.append(Timing(row, "ms_per_gen", run))
     return rows, timings
@@ -554,7 +738,14 @@ def table_notes(args) -> list[str]:
         "- score mix: FRDiff's score mixing, on or off (on: a non-keyframe step's output is lambda * reuse "
         "+ (1 - lambda) * the last keyframe's, and lambda = 0 skips the network, the 'skip' calls); "
         "- = the method has none.",
-        "- GFLOP/gen: UNet FLOPs of one generation, counted by torch.utils.flop_counter on the real loop.",
+        "- GFLOP/gen: UNet FLOPs of one generation, counted by torch.utils.flop_counter on the real loop "
+        "(Triton custom ops are not counted).",
+        "- vs eager: rel. difference of the final latents from the row's eager run (frkern: the same policy and "
+        "backend, no graphs, not compiled; baselines: diffusers eager; the one-graph row: one call's output); "
+        "- = the row is an eager run.",
+        "- host syncs/gen: times the host waited for the device in one untimed generation "
+        "(torch.cuda.set_sync_debug_mode; CUDA only). The harness adds none; Adaptive's probe and the deepcache "
+        "package's timestep lookup do.",
     ]
 
 
@@ -565,14 +756,17 @@ def fmt_cells(r: Row, base: Row) -> list[str]:
     speed = base.ms_per_gen / r.ms_per_gen if r.ms_per_gen == r.ms_per_gen else float("nan")
     flag = " !" if r.noisy or base.noisy else ""
     spread = f"{max(r.spread.values()):.0%}" + (" !" if r.noisy else "") if r.spread else "-"
+    vs_eager = "-" if r.vs_eager is None else f"{r.vs_eager:.1e}"
+    syncs = "-" if r.syncs is None else str(r.syncs)
     return [r.method, r.backend, r.score_mix, calls, f"{r.gflop_per_gen:.1f}", f"{r.ms_full_call:.2f}",
             f"{r.ms_reuse_call:.2f}", f"{r.ms_per_gen:.1f}", f"{speed:.2f}x{flag}", spread, f"{r.deviation:.4f}",
-            r.note]
+            vs_eager, syncs, r.note]
 
 
 def report(rows, args, device, dtype, parity_errors, quiet=False):
     head = ["method", "backend", "score mix", "UNet calls (full/reuse/skip)", "GFLOP/gen", "ms full call",
-            "ms reuse call", "ms/gen", "speed-up", "timing spread", "rel. dev. of latents", "note"]
+            "ms reuse call", "ms/gen", "speed-up", "timing spread", "rel. dev. of latents", "vs eager",
+            "host syncs/gen", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(fmt_cells(r, rows[0])) + " |" for r in rows]
     notes = table_notes(args)
@@ -582,8 +776,11 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
         noisy = [f"{r.method} [{r.backend}]" for r in rows if r.noisy]
         if noisy:
             print(f"WARNING: timing spread over {args.max_spread:.0%} (busy machine?): " + "; ".join(noisy))
-    meta = {**provenance(device), "config": args.config, "steps": args.steps, "batch": args.batch,
-            "dtype": str(dtype), "parity_max_rel_err": parity_errors,
+    meta = {**provenance(device), "device_type": device.type, "config": args.config, "steps": args.steps,
+            "batch": args.batch, "dtype": str(dtype), "channels_last": args.channels_last,
+            "graphs": "emulated" if args.graph_capture is not None else ("cuda" if device.type == "cuda" else "none"),
+            "policies": args.policies,
+            "parity_max_rel_err": parity_errors,
             "timing": {"repeats": args.repeats, "order": "interleaved: round-robin over all rows' timings",
                        "statistic": "median", "spread": "(max - min) / median", "max_spread": args.max_spread},
             "deviation": "||x - x_ref||_2 / ||x_ref||_2 of the final latents, x_ref = diffusers eager, full compute, "
