@@ -67,9 +67,10 @@ SPILL_BUDGET = 0  # bytes of spill stores + loads per kernel (default of --spill
 # Known spills, stated with their budget (bytes of stores + loads) until the kernel is fixed:
 # (kernel, target, I/O dtype) -> budget.
 KNOWN_SPILLS = {
-    # fp32 SkipConv tile convolution for sm_80 (exact fp32 tl.dot, a 64x64 fp32 accumulator): ptxas
-    # spills ~0.2-0.6 KB with channels_last tensors and ~20 KB with NCHW ones (it then keeps 32
-    # registers). sm_90 builds it without spills. Found by this check; kernels/skip_conv.py to fix.
+    # fp32 SkipConv tile convolution for sm_80 (exact fp32 tl.dot, a 64x64 fp32 accumulator) under
+    # Triton 3.9 (ptxas 12.9): 0.2-0.6 KB of spills with channels_last tensors, ~20 KB with NCHW
+    # ones (it then keeps 32 registers). Triton 3.6 (ptxas 12.8) and sm_90 build it without spills.
+    # Found by this check; kernels/skip_conv.py to fix.
     ("_skip_conv_kernel", "sm_80", "float32"): 20 * 1024,
 }
 
@@ -419,7 +420,6 @@ def main(argv=None):
     import shutil
     import signal
     import tempfile
-    import time
     import warnings
 
     # Before Triton loads: real compiler (no interpreter), a throw-away cache, ptxas -v printed.
@@ -431,6 +431,15 @@ def main(argv=None):
     os.environ.pop("TRITON_DISABLE_LINE_INFO", None)  # .loc directives find the hot loads
     warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION")
     sys.path.insert(0, REPO_ROOT)
+    try:
+        return _run(args)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+
+
+def _run(args):
+    import time
+
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -450,49 +459,46 @@ def main(argv=None):
     elem = {"float16": 2, "bfloat16": 2, "float32": 4}
     t_start = time.perf_counter()
     specs, index, variants, problems = [], {}, [], []
-    try:
-        for family, cfg, call in configurations(args.set):
-            if family not in args.families:
-                continue
-            rec = Recorder()
-            cfg = dict(cfg)
-            dtype = cfg["dtype"]
-            call(torch, kernels, rec)  # the real launcher, launches recorded
-            launched = []
-            for kernel, grid, kargs, kwargs in rec.calls:
-                for cc in [cc for cc in args.targets if cc in cfg.get("targets", args.targets)]:
-                    target = GPUTarget("cuda", cc, 32)
-                    try:
-                        options, signature, constexprs, attrs = specialise(kernel, kargs, kwargs, target)
-                        key = repr((kernel.fn.__name__, cc, sorted(signature.items()), sorted(constexprs.items()),
-                                    sorted((k, repr(v)) for k, v in attrs.items()), sorted(options.__dict__.items())))
-                        if key not in index:
-                            r = compile_kernel(kernel, options, signature, constexprs, attrs, target, hot[family],
-                                               elem[dtype])
-                            r["id"] = len(specs)
-                            r["dtype"] = dtype  # the I/O dtype (the signature's pointer types)
-                            r["problems"] = check(r, args.spill_budget)
-                            index[key] = r["id"]
-                            specs.append(r)
-                            for p in r["problems"]:
-                                problems.append(f"{r['kernel']} {r['target']} (spec {r['id']}, {cfg['op']} "
-                                                f"{cfg['shape']} {dtype} {cfg.get('format', '')}): {p}")
-                            print(f"[{r['id']:3d}] {r['kernel']:<26} {r['target']} regs {r['regs']:3d} "
-                                  f"spill {r.get('spill_store_bytes', '?')}/{r.get('spill_load_bytes', '?')} B "
-                                  f"smem {r['shared_bytes']:6d} B  hot loads {r['loads']['hot'].get('by_bytes')} "
-                                  f"{r['compile_s']:.1f}s  {cfg['op']} {cfg['shape']} {dtype} {cfg.get('format', '')}",
-                                  flush=True)
-                        launched.append({"kernel": kernel.fn.__name__, "target": f"sm_{cc}", "spec": index[key],
-                                         "grid": list(grid)})
-                    except Exception as e:  # a compile error: recorded, the run goes on
-                        msg = f"{kernel.fn.__name__} sm_{cc} ({cfg['op']} {cfg['shape']} {dtype}): " \
-                              f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-                        problems.append(msg)
-                        launched.append({"kernel": kernel.fn.__name__, "target": f"sm_{cc}", "error": msg})
-                        print("FAILED", msg, flush=True)
-            variants.append({"family": family, "config": cfg, "launches": launched})
-    finally:
-        shutil.rmtree(cache, ignore_errors=True)
+    for family, cfg, call in configurations(args.set):
+        if family not in args.families:
+            continue
+        rec = Recorder()
+        cfg = dict(cfg)
+        dtype = cfg["dtype"]
+        call(torch, kernels, rec)  # the real launcher, launches recorded
+        launched = []
+        for kernel, grid, kargs, kwargs in rec.calls:
+            for cc in [cc for cc in args.targets if cc in cfg.get("targets", args.targets)]:
+                target = GPUTarget("cuda", cc, 32)
+                try:
+                    options, signature, constexprs, attrs = specialise(kernel, kargs, kwargs, target)
+                    key = repr((kernel.fn.__name__, cc, sorted(signature.items()), sorted(constexprs.items()),
+                                sorted((k, repr(v)) for k, v in attrs.items()), sorted(options.__dict__.items())))
+                    if key not in index:
+                        r = compile_kernel(kernel, options, signature, constexprs, attrs, target, hot[family],
+                                           elem[dtype])
+                        r["id"] = len(specs)
+                        r["dtype"] = dtype  # the I/O dtype (the signature's pointer types)
+                        r["problems"] = check(r, args.spill_budget)
+                        index[key] = r["id"]
+                        specs.append(r)
+                        for p in r["problems"]:
+                            problems.append(f"{r['kernel']} {r['target']} (spec {r['id']}, {cfg['op']} "
+                                            f"{cfg['shape']} {dtype} {cfg.get('format', '')}): {p}")
+                        print(f"[{r['id']:3d}] {r['kernel']:<26} {r['target']} regs {r['regs']:3d} "
+                              f"spill {r.get('spill_store_bytes', '?')}/{r.get('spill_load_bytes', '?')} B "
+                              f"smem {r['shared_bytes']:6d} B  hot loads {r['loads']['hot'].get('by_bytes')} "
+                              f"{r['compile_s']:.1f}s  {cfg['op']} {cfg['shape']} {dtype} {cfg.get('format', '')}",
+                              flush=True)
+                    launched.append({"kernel": kernel.fn.__name__, "target": f"sm_{cc}", "spec": index[key],
+                                     "grid": list(grid)})
+                except Exception as e:  # a compile error: recorded, the run goes on
+                    msg = f"{kernel.fn.__name__} sm_{cc} ({cfg['op']} {cfg['shape']} {dtype}): " \
+                          f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    problems.append(msg)
+                    launched.append({"kernel": kernel.fn.__name__, "target": f"sm_{cc}", "error": msg})
+                    print("FAILED", msg, flush=True)
+        variants.append({"family": family, "config": cfg, "launches": launched})
     seconds = time.perf_counter() - t_start
     summary = summarise(specs, variants)
     version = triton.__version__
