@@ -2,7 +2,11 @@
 
 What a graph touches outside itself, and how each is kept at a fixed address:
 - inputs (sample, timestep, encoder states, every tensor in the other arguments): copied into the
-  graph's static buffers before each replay;
+  graph's static buffers before each replay. Inputs already on the device are copied device to
+  device. Host inputs (a Python-number timestep, which becomes a 1-element int64/float64 tensor as
+  UNet2DConditionModel makes it; any CPU tensor) go through the graph's `HostStaging`: copied on the
+  host into page-locked buffers, then to the device with non_blocking copies, so no replay makes
+  the host wait for the device;
 - cached features a reuse step reads (`runtime.reads`): the graph keeps the tensors it was captured
   with; if the cache now holds other tensors (a keyframe computed outside this graph), their values
   are copied in. In steady state the cache holds exactly the full graph's own output buffers, so a
@@ -71,6 +75,88 @@ class EmulatedCapture:
         return replay, outputs
 
 
+class _CudaFence:
+    """A CUDA event recorded on `device`'s current stream: pending() asks without blocking,
+    wait() blocks the host until the work before record() has run."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.event = torch.cuda.Event()
+        self.recorded = False
+
+    def record(self) -> None:
+        self.event.record(torch.cuda.current_stream(self.device))
+        self.recorded = True
+
+    def pending(self) -> bool:
+        return self.recorded and not self.event.query()
+
+    def wait(self) -> None:
+        self.event.synchronize()
+
+
+class HostStaging:
+    """A graph's host inputs into its static device buffers without a host sync.
+
+    A copy from pageable host memory to the device makes the host wait: without non_blocking
+    PyTorch synchronizes the stream after it (`torch.tensor(..., device="cuda")` and `.to("cuda")`
+    are such copies), and with non_blocking the CUDA driver still waits for the stream's queued work
+    before it stages pageable memory. So each host input is first copied on the host into a
+    page-locked buffer of the graph (a memcpy, no device involved: the caller may change or free
+    its tensor right after), then to the static buffer with a non_blocking copy queued on the
+    stream the replay runs on.
+
+    One page-locked buffer per host input per graph, one fence after the copies: the copy queued
+    for replay k reads the buffer when the device gets to it, so the host must not refill it for
+    the next replay of this graph until then. load() checks the fence and waits only if that copy
+    is still pending; it normally ran long before (between two replays of one graph lie at least
+    that graph's whole replay, and in reuse schedules other graphs' replays). When it is pending
+    the host is a whole replay of this graph ahead of the device, so waiting there costs no device
+    time (the queue still holds that replay's work). A ring of buffers would let the host run
+    further ahead, which gains nothing once the queue holds a replay; one buffer keeps the pinned
+    memory at one copy of the inputs. `waits` counts the loads that had to wait.
+
+    Staging applies where the static buffers are on a device of `device_types`; elsewhere (CPU,
+    meta: the emulated capture) host inputs are copied directly, which involves no device.
+    """
+
+    device_types = ("cuda",)
+
+    def __init__(self, device: torch.device, slots: list):
+        """slots: (index of the input in flatten order, its static buffer on `device`)."""
+        self.slots = [(i, static, self.pin(static)) for i, static in slots]
+        self.fence = self.new_fence(device)
+        self.waits = 0
+
+    @staticmethod
+    def pin(like: torch.Tensor) -> torch.Tensor:
+        """A page-locked host tensor of `like`'s shape and dtype."""
+        return torch.empty(like.shape, dtype=like.dtype, pin_memory=True)
+
+    @staticmethod
+    def new_fence(device: torch.device):
+        return _CudaFence(device)
+
+    def load(self, leaves: list) -> bool:
+        """Queue the copies of `leaves`' host inputs; True if the host had to wait first."""
+        waited = self.fence.pending()  # the last replay's copies still read the buffers
+        if waited:
+            self.fence.wait()
+            self.waits += 1
+        for i, static, pinned in self.slots:
+            pinned.copy_(leaves[i])  # host to host
+            static.copy_(pinned, non_blocking=True)
+        self.fence.record()
+        return waited
+
+
+def host_timestep(timestep) -> torch.Tensor:
+    """A Python-number timestep as UNet2DConditionModel.forward makes it on CUDA (1 element, float64
+    for a float, int64 otherwise: exact values), but on the host: no device copy here."""
+    dtype = torch.float64 if isinstance(timestep, float) else torch.int64
+    return torch.tensor([timestep], dtype=dtype)
+
+
 @dataclass
 class _Graph:
     replay: Callable[[], None]
@@ -78,6 +164,15 @@ class _Graph:
     out: torch.Tensor
     writes: dict = field(default_factory=dict)  # unit -> (tensor in the graph's pool, sig)
     reads: dict = field(default_factory=dict)  # unit -> (tensor the graph reads, sig)
+    staging: HostStaging | None = None  # the host inputs' path (None: every input copied directly)
+    direct: list = field(default_factory=list)  # (index, static buffer) of the inputs copied directly
+
+    def load(self, leaves: list) -> bool:
+        """Copy this call's inputs into the static buffers (queued on the device, no host sync
+        unless the staging buffers are still being read; then True)."""
+        for i, static in self.direct:
+            static.copy_(leaves[i])
+        return self.staging is not None and self.staging.load(leaves)
 
 
 def _leaf_key(x):
@@ -89,10 +184,12 @@ def _leaf_key(x):
 class GraphRunner:
     """Owns the captured graphs of one patched UNet."""
 
-    def __init__(self, network: Callable, runtime: Runtime, capture=cuda_capture, max_graphs: int = 16):
+    def __init__(self, network: Callable, runtime: Runtime, capture=cuda_capture, max_graphs: int = 16,
+                 staging: type = HostStaging):
         self.network = network
         self.runtime = runtime
         self.capture = capture
+        self.staging = staging
         self.max_graphs = max_graphs
         self.graphs: collections.OrderedDict[tuple, _Graph] = collections.OrderedDict()
         self.stats: collections.Counter = collections.Counter()
@@ -115,10 +212,9 @@ class GraphRunner:
                 "torch.no_grad() or torch.inference_mode() (diffusers pipelines do)"
             )
         if not isinstance(timestep, torch.Tensor):
-            # As UNet2DConditionModel.forward does for Python numbers, but on the device up front:
-            # a host-to-device copy cannot be captured.
-            dtype = torch.float64 if isinstance(timestep, float) else torch.int64
-            timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+            # A host tensor, keyed by dtype (not value) and staged into the graph like any host input
+            # (a host-to-device copy cannot be captured, and one from pageable memory would block).
+            timestep = host_timestep(timestep)
         leaves, spec = tree_flatten(tuple(call._replace(timestep=timestep)))
         try:
             key = (rt.slot, rt.mode, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
@@ -141,9 +237,8 @@ class GraphRunner:
                 self.stats["evicted"] += 1
         else:
             self.graphs.move_to_end(key)
-            for static, x in zip(graph.static_leaves, leaves):
-                if static is not None:
-                    static.copy_(x)
+            if graph.load(leaves):
+                self.stats["staging_waits"] += 1
         self._sync_reads(graph)
         graph.replay()
         self.stats["replays"] += 1
@@ -186,5 +281,12 @@ class GraphRunner:
         for t, copy in saved:
             t.copy_(copy)
         self.stats["captures"] += 1
+        # How later calls' inputs reach the static buffers (this call's are there already).
+        staged = device.type in self.staging.device_types
+        host, direct = [], []
+        for i, s in enumerate(static_leaves):
+            if s is not None:
+                (host if staged and leaves[i].device.type == "cpu" else direct).append((i, s))
+        staging = self.staging(device, host) if host else None
         # The capture recorded work without running it (CUDA); run() replays it next.
-        return _Graph(replay, static_leaves, out, writes, reads)
+        return _Graph(replay, static_leaves, out, writes, reads, staging, direct)

@@ -236,18 +236,21 @@ def test_unpatch_restores_every_module():
 
 @pytest.mark.parametrize("rule", ["accumulated"])  # the stateful rule; first_block's state is a plain unit
 def test_cuda_graphs_equal_eager_with_probe_and_resume_graphs(rule):
-    from frkern.graphs import EmulatedCapture
+    # Without CUDA: the emulated capture on the CPU, bit for bit. With CUDA: pipelines on the GPU,
+    # the real capture, TF32 off, outputs within devices.GPU_GRAPH_RTOL and the same decisions (the
+    # Triton backend under real capture: test_graphs.py::test_real_capture_adaptive_probe_equals_eager).
+    from devices import assert_matches_eager, assert_same_stats, exact_fp32, graphed, to_device
 
     policy = frkern.Adaptive(0.3, rule=rule, reuse="clockwork", max_reuse=3)
-    eager_pipe, prompt = make_sd_pipeline(), sd_prompt_kwargs()
-    eager = frkern.patch(eager_pipe, policy, backend="torch")
-    want = generate(eager_pipe, prompt, steps=10)
-    pipe = make_sd_pipeline()
-    handle = frkern.patch(pipe, policy, backend="torch", cuda_graphs=True)
-    handle.graphs.capture = EmulatedCapture()
-    for generation in range(2):
-        assert torch.equal(generate(pipe, prompt, steps=10), want), f"generation {generation}"
-        assert handle.stats == eager.stats
+    with exact_fp32():  # no-op without CUDA
+        eager_pipe, prompt = to_device(make_sd_pipeline(), sd_prompt_kwargs())
+        eager = frkern.patch(eager_pipe, policy, backend="torch")
+        want = generate(eager_pipe, prompt, steps=10)
+        pipe, prompt = to_device(make_sd_pipeline(), sd_prompt_kwargs())
+        handle = graphed(pipe, policy, backend="torch")
+        for generation in range(2):
+            assert_matches_eager(generate(pipe, prompt, steps=10), want, f"generation {generation}")
+            assert_same_stats(handle.stats, eager.stats)
     assert eager.stats["reuse"] > 0 and eager.stats["full"] > 1
     gs = handle.graph_stats
     # step 0 (plain full), probe, full after a probe, reuse after a probe: captured once each
@@ -258,6 +261,10 @@ def test_cuda_graphs_equal_eager_with_probe_and_resume_graphs(rule):
 
 
 def test_compiled_adaptive_does_not_recompile_from_step_to_step():
+    # What must hold in any torch version (not a version's graph count): after the first generation,
+    # which compiles whatever each step kind needs (the probe's stop is a graph break by design),
+    # later generations compile nothing (error_on_recompile raises on a recompile, and no new
+    # frame is compiled either).
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -270,11 +277,13 @@ def test_compiled_adaptive_does_not_recompile_from_step_to_step():
     counters.clear()
     pipe.unet = torch.compile(pipe.unet, backend="eager")
     for generation in range(3):
-        assert torch.equal(generate(pipe, prompt, steps=10), eager), f"generation {generation}"
+        with torch._dynamo.config.patch(error_on_recompile=generation > 0):
+            assert torch.equal(generate(pipe, prompt, steps=10), eager), f"generation {generation}"
         assert handle.stats == eager_stats
         if generation == 0:
             first = counters["stats"]["unique_graphs"]
-    assert counters["stats"]["unique_graphs"] == first, "recompiled in steady state"
+            assert first > 0
+    assert counters["stats"]["unique_graphs"] == first, "compiled again in steady state"
 
 
 def test_calibration_fits_the_output_change_and_round_trips():

@@ -1,16 +1,25 @@
-"""torch.compile of a patched UNet: one graph per step kind, no graph breaks, no recompiles from
-one step or generation to the next, and the same numbers as the eager patched UNet.
+"""torch.compile of a patched UNet: no graph breaks, no recompiles from one generation to the next,
+and the same numbers as the eager patched UNet.
 
 The "eager" dynamo backend is used: graph capture, guards and recompiles are decided by dynamo
 before any backend runs, so they are the same under inductor (bench/compile_check.py measures
 inductor too), and it keeps this file fast on a CPU.
+
+The assertions are what must hold in any torch version, not one version's graph counts (how many
+graphs dynamo counts for a step kind has changed between releases): the first generation compiles
+whatever it compiles; later generations compile nothing (no new graph in
+counters["stats"]["unique_graphs"], and torch._dynamo.config.error_on_recompile raises on a
+recompile); fullgraph=True and zero graph breaks where the README promises none.
 """
+import contextlib
+
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
 import frkern
+from devices import no_tf32, rel  # noqa: F401
 from test_pipelines import generate
 from tiny import make_sd_pipeline, make_sdxl_pipeline, sd_prompt_kwargs, sdxl_prompt_kwargs
 
@@ -25,18 +34,23 @@ def breaks():
     return sum(counters["graph_break"].values())
 
 
+def steady():
+    """Around calls that must reuse compiled graphs: a recompile raises."""
+    return torch._dynamo.config.patch(error_on_recompile=True)
+
+
 @pytest.mark.parametrize(
-    "kind, policy, kinds_of_step",
+    "kind, policy",
     [
-        ("sd", frkern.FRDiff(interval=2), 3),  # full, reuse, and the jump steps' copy (mixing runs outside)
-        ("sdxl", frkern.FRDiff(interval=3, score_mix=False), 2),
-        ("sd", frkern.Clockwork(clock=2), 2),
-        ("sd", frkern.DeepCache(interval=3), 2),
-        ("sd", frkern.NoReuse(), 1),
-        ("sd", frkern.SkipConv(0.2, tile=4), 2),  # stateful units: the reuse graph moves the state on
+        ("sd", frkern.FRDiff(interval=2)),  # full, reuse, and the jump steps' copy (mixing runs outside)
+        ("sdxl", frkern.FRDiff(interval=3, score_mix=False)),
+        ("sd", frkern.Clockwork(clock=2)),
+        ("sd", frkern.DeepCache(interval=3)),
+        ("sd", frkern.NoReuse()),
+        ("sd", frkern.SkipConv(0.2, tile=4)),  # stateful units: the reuse graph moves the state on
     ],
 )
-def test_compiled_patched_unet_has_one_graph_per_step_kind_and_no_recompiles(kind, policy, kinds_of_step):
+def test_compiled_patched_unet_has_no_graph_breaks_and_no_recompiles(kind, policy):
     make, prompt_kwargs = KINDS[kind]
     pipe = make()
     prompt = prompt_kwargs()
@@ -46,24 +60,26 @@ def test_compiled_patched_unet_has_one_graph_per_step_kind_and_no_recompiles(kin
 
     torch._dynamo.reset()
     counters.clear()
-    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)
+    pipe.unet = torch.compile(pipe.unet, backend="eager", fullgraph=True)  # a graph break would raise
     for generation in range(3):
-        got = generate(pipe, prompt, steps=7)
+        with steady() if generation > 0 else contextlib.nullcontext():
+            got = generate(pipe, prompt, steps=7)
         assert torch.equal(got, eager), f"generation {generation} differs from the eager patched UNet"
         assert handle.stats == eager_stats  # the same steps reused, mixed and skipped
         if generation == 0:
             first = graphs()
-            assert first == kinds_of_step
-    assert graphs() == first, "recompiled in steady state"
+            assert first > 0
+    assert graphs() == first, "compiled again in steady state"
     assert breaks() == 0
     # patching (and starting) another model leaves this one's graphs alone
     frkern.patch(make().unet, frkern.FRDiff(interval=2)).begin(2)
-    assert torch.equal(generate(pipe, prompt, steps=7), eager)
+    with steady():
+        assert torch.equal(generate(pipe, prompt, steps=7), eager)
     assert graphs() == first, "patching another model recompiled this one"
 
     # a new resolution compiles new graphs (guards see the shapes) and stays correct
     other = generate(pipe, prompt, steps=7, size=40)
-    assert graphs() <= first + kinds_of_step
+    assert graphs() > first and breaks() == 0
     pipe.unet = pipe.unet._orig_mod
     assert torch.equal(other, generate(pipe, prompt, steps=7, size=40))
 
@@ -90,7 +106,7 @@ def test_patch_after_compile_and_unpatch_again():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "needs CUDA: under TRITON_INTERPRET=1 torch's wrap_triton hands back the interpreted kernel, "
     "which cannot be traced with fake tensors; bench/gpu/run_all.sh runs this on the GPU"))
-def test_compiled_triton_backend_matches_eager_triton_backend():
+def test_compiled_triton_backend_matches_eager_triton_backend(no_tf32):
     pipe = make_sd_pipeline().to("cuda")
     prompt = {k: v.cuda() for k, v in sd_prompt_kwargs().items()}
     frkern.patch(pipe, frkern.FRDiff(interval=2), backend="triton")
@@ -100,5 +116,6 @@ def test_compiled_triton_backend_matches_eager_triton_backend():
     pipe.unet = torch.compile(pipe.unet, fullgraph=True)  # inductor, which traces into the kernels
     got = generate(pipe, prompt, steps=5)
     assert breaks() == 0
-    # inductor may reorder fp32 arithmetic around the custom ops
-    assert ((got - eager).norm() / eager.norm()).item() < 1e-4
+    # inductor may reorder fp32 arithmetic around the custom ops; TF32 is off (no_tf32), else cuDNN's
+    # and cuBLAS's algorithm choices under inductor alone would differ by ~1e-3
+    assert rel(got, eager) < 1e-4

@@ -143,17 +143,20 @@ def test_threshold_zero_is_full_compute_in_a_pipeline_and_unpatch_restores():
 
 
 def test_cuda_graphs_equal_eager_skip_conv():
-    # stateful units under graphs: each reuse replay reads the state the last call committed
-    from frkern.graphs import EmulatedCapture
+    # stateful units under graphs: each reuse replay reads the state the last call committed.
+    # Without CUDA: the emulated capture on the CPU, bit for bit. With CUDA: pipelines on the GPU,
+    # the real capture, TF32 off, within devices.GPU_GRAPH_RTOL (the Triton kernels under real
+    # capture: test_graphs.py::test_real_capture_triton_skip_conv_equals_eager).
+    from devices import assert_matches_eager, assert_same_stats, exact_fp32, graphed, to_device
 
-    prompt = sd_prompt_kwargs()
-    eager = make_sd_pipeline()
-    frkern.patch(eager, frkern.SkipConv(0.2, tile=4, interval=4), backend="torch")
-    want = generate(eager, prompt, steps=7)
-    pipe = make_sd_pipeline()
-    handle = frkern.patch(pipe, frkern.SkipConv(0.2, tile=4, interval=4), backend="torch", cuda_graphs=True)
-    if not torch.cuda.is_available():
-        handle.graphs.capture = EmulatedCapture()
-    for generation in range(2):
-        assert torch.equal(generate(pipe, prompt, steps=7), want), generation
+    policy = frkern.SkipConv(0.2, tile=4, interval=4)
+    with exact_fp32():  # no-op without CUDA
+        eager, prompt = to_device(make_sd_pipeline(), sd_prompt_kwargs())
+        eager_handle = frkern.patch(eager, policy, backend="torch")
+        want = generate(eager, prompt, steps=7)
+        pipe, prompt = to_device(make_sd_pipeline(), sd_prompt_kwargs())
+        handle = graphed(pipe, policy, backend="torch")
+        for generation in range(2):
+            assert_matches_eager(generate(pipe, prompt, steps=7), want, generation)
+            assert_same_stats(handle.stats, eager_handle.stats)
     assert handle.graph_stats["captures"] == 2
