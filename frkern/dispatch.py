@@ -173,7 +173,8 @@ class Handle:
     @property
     def graph_stats(self) -> dict:
         """With cuda_graphs=True: captures, replays, read_copies (cached features copied into a
-        graph because the keyframe came from elsewhere), evicted."""
+        graph because the keyframe came from elsewhere), evicted, staging_waits (replays whose host
+        inputs had to wait for the previous copy out of the graph's pinned staging buffer)."""
         return dict(self.graphs.stats) if self.graphs is not None else {}
 
     def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
