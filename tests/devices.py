@@ -20,7 +20,7 @@ from frkern.graphs import EmulatedCapture
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
-needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA: real CUDA-graph capture (bench/gpu/run_all.sh tests)")
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA: real CUDA-graph capture (bench/gpu/round.sh tests)")
 
 # Graph replay against the eager patched model, relative L2 of the output, on a GPU (fp32, TF32 off):
 # a replay runs the kernels eager runs, but cuDNN/cuBLAS may pick other algorithms under capture

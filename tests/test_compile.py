@@ -105,7 +105,7 @@ def test_patch_after_compile_and_unpatch_again():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=(
     "needs CUDA: under TRITON_INTERPRET=1 torch's wrap_triton hands back the interpreted kernel, "
-    "which cannot be traced with fake tensors; bench/gpu/run_all.sh runs this on the GPU"))
+    "which cannot be traced with fake tensors; bench/gpu/round.sh runs this on the GPU"))
 def test_compiled_triton_backend_matches_eager_triton_backend(no_tf32):
     pipe = make_sd_pipeline().to("cuda")
     prompt = {k: v.cuda() for k, v in sd_prompt_kwargs().items()}
