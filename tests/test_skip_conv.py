@@ -93,13 +93,17 @@ class GatedConvHooks:
                 for c in ("conv1", "conv2"):
                     getattr(m, c).register_forward_hook(partial(self._hook, f"{name}.{c}"))
 
+    def weights(self, conv):
+        """(weight, bias) of the convolution the module computes."""
+        return conv.weight, conv.bias
+
     def _hook(self, name, conv, args, out):
         x = args[0]
         if self.keyframe:
             self.state[name] = (x.double(), out.double())
             return None
         x_ref, z = self.state[name]
-        z, x_ref = skip_conv_fp64_loops(x, x_ref, z, conv.weight, conv.bias, self.tile, self.threshold)
+        z, x_ref = skip_conv_fp64_loops(x, x_ref, z, *self.weights(conv), self.tile, self.threshold)
         self.state[name] = (x_ref, z)
         return z.to(out.dtype)
 

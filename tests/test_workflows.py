@@ -9,18 +9,16 @@ independent statement or the unpatched model, on UNet layouts unlike the rest of
 - weight storage hooks (diffusers' layerwise casting, group offloading) with every policy."""
 import copy
 import math
-from functools import partial
 
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.resnet import ResnetBlock2D
 
 import frkern
 from reference import ddim_loop
 from reference_deepcache import DeepCacheCutHooks
 from test_adaptive import RuleStatement
-from test_skip_conv import skip_conv_fp64_loops
+from test_skip_conv import GatedConvHooks
 from tiny import ddim, make_sd_pipeline, sd_prompt_kwargs
 
 STEPS = 10
@@ -320,28 +318,12 @@ def effective_weight_fp64(layer):
     return w
 
 
-class AdaptedGatedConvHooks:
-    """SkipConv's definition on every ResNet conv1/conv2 of an unpatched LoRA-adapted UNet: keyframes
-    record (x, conv(x)); other calls replace the output by the fp64 definition with the adapted
-    convolution's weight (test_skip_conv.skip_conv_fp64_loops)."""
+class AdaptedGatedConvHooks(GatedConvHooks):
+    """SkipConv's definition (test_skip_conv.GatedConvHooks) on an unpatched LoRA-adapted UNet: the
+    convolution is the adapted one, its weight stated independently in fp64."""
 
-    def __init__(self, unet, tile, threshold):
-        self.keyframe, self.state, self.tile, self.threshold = True, {}, tile, threshold
-        for name, m in unet.named_modules():
-            if isinstance(m, ResnetBlock2D):
-                for c in ("conv1", "conv2"):
-                    getattr(m, c).register_forward_hook(partial(self._hook, f"{name}.{c}"))
-
-    def _hook(self, name, layer, args, out):
-        x = args[0]
-        if self.keyframe:
-            self.state[name] = (x.double(), out.double())
-            return None
-        x_ref, z = self.state[name]
-        z, x_ref = skip_conv_fp64_loops(x, x_ref, z, effective_weight_fp64(layer), layer.base_layer.bias,
-                                        self.tile, self.threshold)
-        self.state[name] = (x_ref, z)
-        return z.to(out.dtype)
+    def weights(self, layer):
+        return effective_weight_fp64(layer), layer.base_layer.bias
 
 
 def adapted_pair(model, when):
