@@ -3,7 +3,7 @@
     python bench/calibrate_adaptive.py --sampler ddim --steps 50 --reuse clockwork --out bench/results
 
 Runs full-compute sampling (calibration labels and noise, disjoint from bench/quality.py's), fits
-the polynomial from the indicator's change to the UNet output's change (frkern.adaptive.calibrate)
+the polynomial from the indicator's change to the UNet output's change (frkern.calibration.calibrate)
 and writes adaptive_tiny_<sampler><steps>_<reuse>.policy.json (load with frkern.load_policy; the
 threshold in it is a default, bench/quality.py sweeps it) to bench/results/local/ or --out.
 """
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
-from frkern.adaptive import calibrate  # noqa: E402
+from frkern.calibration import calibrate  # noqa: E402
 from options import add_out  # noqa: E402
 from options import parser as new_parser  # noqa: E402
 from tiny_model import ASSET_DIR, load, sample  # noqa: E402

@@ -117,7 +117,7 @@ def skipped_conv_gflop(handle, fn) -> float:
     from frkern.kernels.skip_conv import affected_pixel_fraction
 
     skipped = [0.0]
-    gates = handle._gated if handle is not None else []
+    gates = handle.installation.gates if handle is not None else []
     # A gate is not a module: account after each call of the ResNet wrapper that calls it.
     parents = {id(p): p for p in (handle.unet.get_submodule(g.unit.rpartition(".")[0]) for g in gates)}
 

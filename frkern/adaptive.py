@@ -86,9 +86,9 @@ class AdaptiveGate(_Wrapper):
     gate's forward, commits it (commit_state); the forward records it only on full calls that had
     no probe (warm-up, a forced or promoted call)."""
 
-    def __init__(self, original, runtime, unit, cache_unit, backend):
+    def __init__(self, original, runtime, unit, cache_unit, backend, rule: str, poly: tuple):
         super().__init__(original, runtime, unit, cache_unit, backend)
-        self.__dict__.update(rule=runtime.policy.rule, poly=runtime.policy.poly)
+        self.__dict__.update(rule=rule, poly=poly)
 
     def forward(self, *args, **kwargs):
         rt = self.runtime
@@ -113,6 +113,19 @@ class AdaptiveGate(_Wrapper):
         return self.original(*args, **kwargs)
 
 
+class Decider:
+    """The per-call decision of an adaptive policy, from the indicator value the probe measured."""
+
+    def __init__(self, threshold: float, rule: str, poly: tuple):
+        self.threshold, self.rule, self.poly = float(threshold), rule, tuple(poly)
+
+    def reuses(self, value: float) -> bool:
+        return value < self.threshold
+
+    def commit(self, runtime, reuse: bool) -> None:
+        commit_state(runtime, self.rule, reuse)
+
+
 def commit_state(runtime, rule: str, reuse: bool) -> None:
     """After a probe and its decision: the gate's next state, from what the probe measured.
     first_block: a full call's g becomes the reference (a reuse call keeps it); accumulated: g
@@ -135,54 +148,3 @@ def run_probe(runtime, family, network, call) -> torch.Tensor:
     except GateReached:
         return runtime.writes[PROBED + INDICATOR_UNIT][0]
     raise RuntimeError("frkern: an adaptive call ran the whole network without reaching its gate")
-
-
-def calibrate(target, policy, run, degree: int = 2, note: str = ""):
-    """Fit the accumulated rule's polynomial (TeaCache's rescaling) on a full-compute run.
-
-    target: the unpatched UNet (or a pipeline holding it); run(): samples with it (e.g.
-    `lambda: pipe(prompt, num_inference_steps=50)`). For each UNet call after the first, records
-    d = the indicator's relative change since the previous call and o = the output's (both the
-    largest over the batch), and fits o ~ poly(d) by least squares (numpy.polyfit). Returns
-    `policy` (an Adaptive) with rule "accumulated", that poly and `calibrated_for` = note; the
-    policy's threshold is then in units of accumulated relative output change.
-    """
-    import dataclasses
-
-    import numpy as np
-
-    from .dispatch import find_model
-    from .policies import Adaptive
-
-    if not isinstance(policy, Adaptive):
-        raise TypeError(f"calibrate: expected a frkern.Adaptive policy, got {type(policy).__name__}")
-    family, model, _ = find_model(target)
-    if "_frkern_handle" in model.__dict__:
-        raise RuntimeError("calibrate: the model is patched; calibrate on the plain model (frkern.unpatch first)")
-    _, gate = family.adaptive_gate(model, policy)
-    seen = {"g": None, "out": None}
-    pairs = []
-
-    def on_gate(module, args, kwargs):
-        seen["g_new"] = _primary_input(args, kwargs).detach()
-
-    def on_output(module, args, kwargs, output):
-        out = (output[0] if isinstance(output, tuple) else output.sample).detach()
-        g = seen.pop("g_new")
-        if seen["g"] is not None and seen["g"].shape == g.shape and seen["out"].shape == out.shape:
-            pairs.append((float(relative_change(g, seen["g"])), float(relative_change(out, seen["out"]))))
-        seen["g"], seen["out"] = g, out
-
-    hooks = [model.get_submodule(gate).register_forward_pre_hook(on_gate, with_kwargs=True),
-             model.register_forward_hook(on_output, with_kwargs=True)]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in hooks:
-            h.remove()
-    if len(pairs) <= degree:
-        raise ValueError(f"calibrate: {len(pairs)} pairs of UNet calls recorded, a degree-{degree} fit needs more")
-    d, o = np.array(pairs).T
-    poly = tuple(float(c) for c in np.polyfit(d, o, degree))
-    return dataclasses.replace(policy, rule="accumulated", poly=poly, calibrated_for=note)

@@ -70,7 +70,7 @@ def hard_schedule(policy: Policy, steps: int) -> tuple[tuple[int, ...], tuple[in
     """(keyframes, jumps) of a feature-reuse policy over `steps` steps, as the gated sampler can run it:
     plan.keyframe -> keyframe; a score-mixing weight below 1/2 -> jump (its lambda rounded to 0),
     otherwise feature reuse (rounded to 1)."""
-    if getattr(policy, "cached_parts", None) != "units":
+    if not isinstance(policy, (FRDiff, Keyframes)):
         raise ValueError(f"Auto-FR can start only from a feature-reuse policy (FRDiff, Keyframes), got {policy!r}")
     keys, jumps = [], []
     for step, plan in enumerate(policy.schedule(steps)):

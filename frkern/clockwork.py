@@ -12,7 +12,7 @@ from .cache import signature
 from .units import CachedSegment, _primary_input
 
 
-class _Tap:
+class Tap:
     """r_in of the current call, handed from the downsampler to the adapted up block."""
 
     r_in = None
@@ -21,7 +21,7 @@ class _Tap:
 class TappedSegment(CachedSegment):
     """The cut's first cached module: cached as usual, and its input recorded as r_in."""
 
-    def __init__(self, original, runtime, unit, cache_unit, backend, tap: _Tap):
+    def __init__(self, original, runtime, unit, cache_unit, backend, tap: Tap):
         super().__init__(original, runtime, unit, cache_unit, backend)
         object.__setattr__(self, "tap", tap)
 
@@ -33,7 +33,7 @@ class TappedSegment(CachedSegment):
 class AdaptedSegment(CachedSegment):
     """The up block whose output is r_out: on reuse calls, adaptor(r_in, cached r_out, temb, text)."""
 
-    def __init__(self, original, runtime, unit, cache_unit, backend, tap: _Tap, adaptor):
+    def __init__(self, original, runtime, unit, cache_unit, backend, tap: Tap, adaptor):
         super().__init__(original, runtime, unit, cache_unit, backend)
         object.__setattr__(self, "tap", tap)
         object.__setattr__(self, "adaptor", adaptor)  # not a submodule: the state dict stays the UNet's
@@ -50,27 +50,31 @@ class AdaptedSegment(CachedSegment):
         return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=adapted)
 
 
-def adaptor_fit(unet, policy, adaptor) -> tuple[str, str]:
-    """(first cached path, adapted path) of `policy`'s cut on `unet` after checking that `adaptor`
-    fits them (channels, widths, levels, clock, model); a clear ValueError otherwise."""
+def adaptor_fit(model, parts, policy, adaptor) -> tuple[str, str]:
+    """(first cached path, adapted path) of `policy`'s cut on `model` (whose map of parts is
+    `parts`) after checking that `adaptor` fits them (channels, widths, levels, clock, model); a
+    clear ValueError otherwise."""
     from .adaptor import check_adaptor, model_fingerprint
 
     levels = policy.levels
-    n = len(unet.down_blocks)
-    down = unet.down_blocks[levels - 1]
-    up_index = n - 1 - levels
-    up = unet.up_blocks[up_index]
-    if not getattr(down, "downsamplers", None):
-        raise ValueError(f"Clockwork adaptor: down_blocks[{levels - 1}] has no downsampler to take r_in from")
+    n = len(parts.levels)
+    if not 1 <= levels < n:
+        raise ValueError(f"Clockwork: levels must lie in 1..{n - 1} for a UNet with {n} levels, got {levels}")
+    down_level, up_level = parts.levels[levels - 1], parts.levels[levels]
+    down = model.get_submodule(down_level.down_block)
+    up = model.get_submodule(up_level.up_block)
+    if not down_level.downsamplers:
+        raise ValueError(f"Clockwork adaptor: {down_level.down_block} has no downsampler to take r_in from")
     if not getattr(up, "has_cross_attention", False):
-        raise ValueError(f"Clockwork adaptor: up_blocks[{up_index}] ({type(up).__name__}) gets no text "
+        raise ValueError(f"Clockwork adaptor: {up_level.up_block} ({type(up).__name__}) gets no text "
                          "(a cross-attention up block is needed there)")
     r_in_channels = down.resnets[-1].out_channels
     r_out_channels = up.resnets[-1].out_channels
-    # r_in sits at down_blocks[levels-1]'s resolution; r_out at up_blocks[up_index]'s output, which
-    # is upsampled to the same resolution when the block has an upsampler
+    # r_in sits at the outer level's resolution; r_out at the up block's output, which is upsampled
+    # to the same resolution when the block has an upsampler
     stride = 1 if getattr(up, "upsamplers", None) else 2
     check_adaptor(adaptor, in_channels=r_in_channels, out_channels=r_out_channels, stride=stride,
-                  temb_dim=unet.time_embedding.linear_2.out_features, text_dim=unet.config.cross_attention_dim,
-                  levels=levels, clock=policy.clock, model=model_fingerprint(dict(unet.config)))
-    return f"down_blocks.{levels - 1}.downsamplers.0", f"up_blocks.{up_index}"
+                  temb_dim=model.get_submodule(parts.time_embedding).linear_2.out_features,
+                  text_dim=parts.text_dim, levels=levels, clock=policy.clock,
+                  model=model_fingerprint(dict(model.config)))
+    return down_level.downsamplers[0], up_level.up_block

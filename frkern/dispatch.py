@@ -1,14 +1,14 @@
-"""patch / unpatch: swap frkern wrappers into a model and drive them per call.
+"""patch / unpatch, and the Handle that drives a patched model call by call.
 
-Generic over model families (frkern.family): the family finds the model, validates it, names the
-modules to wrap and the call convention. Everything is validated before the first module is
-touched, so a refused patch leaves the model as it was.
+patch = find the model's family (frkern.family), prepare the policy's installer over the family's
+map of parts (frkern.install: validates everything, changes nothing), install (swap the wrappers
+in) and replace the model's forward by the handle's. A refused patch leaves the model as it was;
+`unpatch` uninstalls (each wrapper detaches itself) and restores the forward.
 """
 from __future__ import annotations
 
 import copy
 import warnings
-from functools import partial
 import weakref
 from typing import Any
 
@@ -17,31 +17,15 @@ from torch import nn
 
 from . import ops
 from .cache import signature
-from .family import Call, ModelFamily
-from .graphs import GraphRunner
-from .adaptive import AdaptiveGate, ProbedModule, commit_state, run_probe
-from .clockwork import AdaptedSegment, TappedSegment, _Tap
-from .policies import Adaptive, NoReuse, Policy
+from .executor import Executor
+from .family import Call, ModelFamily, find_model
+from .install import Installation, Plan, Target, install, prepare
+from .policies import NoReuse, Policy
 from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
-from .unet2d import UNet2DFamily, uncompiled
-from .units import CachedSegment, ConvGate, ReusedTransformer2D, gated_conv_supported
+from . import unet2d as _unet2d, video as _video  # noqa: F401  (register the built-in families)
 
-FAMILIES: tuple[ModelFamily, ...] = (UNet2DFamily(),)
 _HANDLE_ATTR = "_frkern_handle"
-
-
-def find_model(target) -> tuple[ModelFamily, nn.Module, Any]:
-    """(family, model, pipeline or None) for a patch target, or a TypeError saying what is accepted."""
-    for family in FAMILIES:
-        found = family.find(target)
-        if found is not None:
-            return (family, *found)
-    inner = getattr(uncompiled(target), "unet", None)
-    raise TypeError(
-        f"frkern.patch: expected a diffusers UNet2DConditionModel or a pipeline with one in .unet, "
-        f"got {type(target).__name__}" + (f" (its .unet is {type(inner).__name__})" if inner is not None else "")
-    )
 
 
 def handle_of(target) -> "Handle | None":
@@ -50,61 +34,47 @@ def handle_of(target) -> "Handle | None":
     return model.__dict__.get(_HANDLE_ATTR)
 
 
-def _swap(root: nn.Module, path: str, new: nn.Module) -> tuple[nn.Module, str, nn.Module]:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    old = parent._modules[name]
-    parent._modules[name] = new
-    return parent, name, old
-
-
 class Handle:
     """What `frkern.patch` returns: step control for hand-written loops, stats, and unpatch."""
 
     def __init__(self, model: nn.Module, family: ModelFamily, policy: Policy, backend: str, cuda_graphs: bool,
-                 runtime: Runtime | None = None):
+                 plan: Plan):
         self.unet = model
         self.family = family
         self.policy = policy
         self.backend = backend
         self.cuda_graphs = cuda_graphs
-        self.runtime = runtime if runtime is not None else Runtime(policy, model)
+        self.installation = Installation(plan)  # empty until patch installs the plan
+        self.runtime = Runtime(policy, model, caches=plan.caches, reuse_limit=plan.reuse_limit)
+        self.runtime.begin_checks.extend(plan.begin_checks)
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
-        self._swaps: list[tuple[nn.Module, str, nn.Module]] = []
-        self._orig_forward = model.forward
         self._own_forward = model.__dict__.get("forward")  # restored as found by unpatch
-        self._compile_kwargs: dict | None = None
-        self._network = self._orig_forward  # what runs the network (handle.compile replaces it)
-        self.graphs = GraphRunner(self._run_network_fn, self.runtime) if cuda_graphs else None
+        self.executor = Executor(model.forward, self.runtime, cuda_graphs)
         self._warned_untracked = False
-        self._gated: list[ConvGate] = []  # SkipConv's gates, for the active-tile measure
         self.active = False
 
+    @property
+    def graphs(self):
+        """The CUDA-graph runner (cuda_graphs=True), else None."""
+        return self.executor.graphs
 
     # A deep copy of a patched model (or of a pipeline holding one) is patched in its own right:
     # same policy, backend and graphs setting, its own runtime and empty cache, its own pipeline's
     # scheduler tracked (attached on the copy's first call).
     def __deepcopy__(self, memo):
-        model = copy.deepcopy(self.unet, memo)
         new = Handle.__new__(Handle)
         memo[id(self)] = new
-        new.__init__(model, self.family, self.policy, self.backend, self.cuda_graphs,
-                     runtime=copy.deepcopy(self.runtime, memo))
-        new._orig_forward = copy.deepcopy(self._orig_forward, memo)
-        new._own_forward = copy.deepcopy(self._own_forward, memo)
-        new._network = new._orig_forward
-        if self._compile_kwargs is not None:
-            new.compile(**self._compile_kwargs)
-        if self.graphs is not None:
-            new.graphs.capture = self.graphs.capture
-        new._swaps = copy.deepcopy(self._swaps, memo)
-        new._gated = copy.deepcopy(self._gated, memo)
+        new.__dict__.update(
+            unet=copy.deepcopy(self.unet, memo), family=self.family, policy=self.policy, backend=self.backend,
+            cuda_graphs=self.cuda_graphs, installation=copy.deepcopy(self.installation, memo),
+            runtime=copy.deepcopy(self.runtime, memo), _pipelines=[], _trackers={},
+            _own_forward=copy.deepcopy(self._own_forward, memo), executor=copy.deepcopy(self.executor, memo),
+            _warned_untracked=False, active=self.active)
         for ref in self._pipelines:
             pipe = ref()
             if pipe is not None and id(pipe) in memo:  # the pipeline is being copied with it
                 new._pipelines.append(weakref.ref(memo[id(pipe)]))
-        new.active = self.active
         return new
 
     def __reduce__(self):
@@ -126,6 +96,12 @@ class Handle:
             rt.cache.new_generation()
         else:
             rt.begin(rt.num_steps, rt.step)
+
+    @property
+    def caches(self) -> bool:
+        """Does the installed policy keep anything between calls? (Then calls need a generation:
+        a tracked pipeline's, or handle.begin / set_step.)"""
+        return self.runtime.caches
 
     @property
     def cache_bytes(self) -> int:
@@ -163,12 +139,8 @@ class Handle:
         """Run the network through torch.compile(**compile_kwargs) (inside the CUDA graphs too,
         with cuda_graphs=True); frkern's step logic stays eager around it. Equivalent to compiling
         the patched model yourself (torch.compile(unet)), which also works."""
-        self._compile_kwargs = dict(compile_kwargs)
-        self._network = torch.compile(self._orig_forward, **compile_kwargs)
+        self.executor.compile(**compile_kwargs)
         return self
-
-    def _run_network_fn(self, *args, **kwargs):
-        return self._network(*args, **kwargs)
 
     @property
     def graph_stats(self) -> dict:
@@ -180,7 +152,7 @@ class Handle:
     def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
         """One pass of the network in the runtime's current mode, outside step tracking and score
         mixing. Used by frkern.autofr."""
-        return self.family.run(self._orig_forward, Call(sample, timestep, encoder_hidden_states, (), kwargs))
+        return self.family.run(self.executor.original, Call(sample, timestep, encoder_hidden_states, (), kwargs))
 
     # --- scheduler tracking ------------------------------------------------------------------
     def _attach(self, pipeline, resume: bool = True) -> None:
@@ -241,13 +213,14 @@ class Handle:
     @torch.compiler.disable
     def _finish(self, plan, call_sig, out):
         rt = self.runtime
-        if rt.mode == REUSE_MODE and self._gated:
-            active = [u.last_active for u in self._gated if u.last_active is not None]
+        gates = self.installation.gates
+        if rt.mode == REUSE_MODE and gates:
+            active = [u.last_active for u in gates if u.last_active is not None]
             if active:  # one small device reduction, no host read
                 rt.measure("active_fraction", sum(a.sum() for a in active).float() / sum(a.numel() for a in active))
         if rt.mode != COMPUTE_MODE:
             if plan.keyframe:
-                if self.policy.keeps_keyframe_output:
+                if self.installation.plan.keeps_keyframe_output:
                     rt.store_keyframe_output(out, call_sig)
             elif plan.runs_network and plan.mix < 1.0:
                 out = ops.score_mix(out, rt.keyframe_output(call_sig), plan.mix, backend=self.backend)
@@ -256,22 +229,19 @@ class Handle:
 
     @torch.compiler.disable
     def _replay(self, call_sig, call):
-        return self.graphs.run(call_sig, call, self.family)
+        return self.executor.replay(self.family, call_sig, call)
 
     @torch.compiler.disable
     def _probe(self, plan, call_sig, call):
         """An adaptive call: measure the indicator, read it (the host waits here, once per
         call), decide; returns the call's final plan."""
         rt = self.runtime
-        if self.graphs is not None:
-            v = self.graphs.run(call_sig, call, self.family, runner=partial(run_probe, rt, self.family))
-        else:
-            v = run_probe(rt, self.family, self._network, call)
-        value = float(v)
+        decider = self.installation.plan.decider
+        value = float(self.executor.probe(self.family, call_sig, call))
         rt.measure("indicator", value)
-        reuse = self.policy.reuses(value)
+        reuse = decider.reuses(value)
         plan = rt.resolve(plan, reuse)
-        commit_state(rt, self.policy.rule, reuse)
+        decider.commit(rt, reuse)
         return plan
 
     @torch.compiler.disable
@@ -288,8 +258,8 @@ class Handle:
                 plan = self._probe(plan, call_sig, call)
             if plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)
-            elif plan.runs_network:
-                out = self.family.run(self._network, call)
+            elif plan.runs_network:  # traced by torch.compile: the network is compiled, not this frame
+                out = self.family.run(self.executor.network, call)
             else:  # a reduced-NFE jump: a copy of the keyframe's output, no network
                 out = _copy(self._keyframe_output(call_sig))
             out = self._finish(plan, call_sig, out)
@@ -299,12 +269,6 @@ class Handle:
         return self.family.wrap_output(out, return_dict)
 
 
-def _check_adaptor_steps(config, num_steps: int) -> None:
-    if num_steps != config.num_steps:
-        raise ValueError(f"frkern: the Clockwork adaptor was trained for {config.num_steps} steps "
-                         f"({config.sampler}), this generation has {num_steps}")
-
-
 def _copy(t: torch.Tensor) -> torch.Tensor:
     # Its own frame, so a compiled model compiles it (torch.compile(fullgraph=True) refuses a call
     # that compiles nothing).
@@ -312,7 +276,7 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 
 
 def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_graphs: bool = False) -> Handle:
-    """Patch a UNet2DConditionModel (or a pipeline holding one) in place with `policy`.
+    """Patch a model (or a pipeline holding one) in place with `policy`.
 
     backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton".
     With a pipeline, its scheduler is tracked: set_timesteps starts a generation, step advances.
@@ -349,61 +313,11 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
             "caching helper such as DeepCache enabled?); disable it first"
         )
     family.check_supported(model)
-    segment_paths = family.segment_paths(model, policy) if policy.cached_parts == "segment" else []
-    for p in segment_paths:
-        model.get_submodule(p)  # every path must exist before anything changes
-    adaptor, adapted = None, ()
-    if getattr(policy, "adaptor", ""):
-        from .adaptor import load_adaptor
-        from .clockwork import adaptor_fit
+    target_parts = Target(model, family, family.parts(model), backend)
+    plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
 
-        param = next(model.parameters())
-        adaptor = load_adaptor(policy.adaptor, device=param.device, dtype=param.dtype)
-        adapted = adaptor_fit(model, policy, adaptor)
-    gated_paths = family.gated_conv_paths(model) if policy.cached_parts == "gated_conv" else []
-    probed_paths, gate_path = family.adaptive_gate(model, policy) if isinstance(policy, Adaptive) else ([], None)
-    bad = [f"{p} ({model.get_submodule(p)})" for p in gated_paths if not gated_conv_supported(model.get_submodule(p))]
-    for p in gated_paths:  # gated through its parent's wrapper, which must call it through a gate
-        parent_path, _, child = p.rpartition(".")
-        wrapper_cls = family.unit_wrappers.get(type(model.get_submodule(parent_path)), (None,))[0]
-        if child not in getattr(wrapper_cls, "gated_children", ()):
-            raise ValueError(f"frkern.patch: {policy.name} cannot gate {p}: its parent is not a wrapper that "
-                             "calls it through a gate")
-    if bad:
-        raise ValueError(f"frkern.patch: {policy.name} gates stride-1 3x3 (padding 1) or 1x1 nn.Conv2d only; "
-                         f"these are not: {'; '.join(bad)}")
-
-    handle = Handle(model, family, policy, backend, cuda_graphs)
-    rt = handle.runtime
-    units = [(n, m) for n, m in model.named_modules() if type(m) in family.unit_wrappers]
-    for name, module in units:
-        wrapper_cls, cache_kind = family.unit_wrappers[type(module)]
-        cache_unit = cache_kind is not None and policy.cached_parts == cache_kind
-        if any(name == p or name.startswith(p + ".") for p in probed_paths):
-            cache_unit = False  # computed on every call: the adaptive indicator comes from them
-        if not cache_unit and not wrapper_cls.swap_when_not_cached:
-            continue
-        handle._swaps.append(_swap(model, name, wrapper_cls(module, rt, name, cache_unit, backend)))
-    tap = _Tap()
-    for path in segment_paths:
-        module = model.get_submodule(path)
-        if path in adapted:
-            wrapper = (TappedSegment(module, rt, path, True, backend, tap) if path == adapted[0]
-                       else AdaptedSegment(module, rt, path, True, backend, tap, adaptor))
-        else:
-            wrapper = CachedSegment(module, rt, path, True, backend)
-        handle._swaps.append(_swap(model, path, wrapper))
-    if adaptor is not None:
-        rt.begin_checks.append(partial(_check_adaptor_steps, adaptor.config))
-    for path in gated_paths:  # the convolution stays in the tree; its parent calls it through the gate
-        parent_path, _, child = path.rpartition(".")
-        handle._gated.append(ConvGate(rt, path, backend))
-        model.get_submodule(parent_path).gates[child] = handle._gated[-1]
-    for path in probed_paths:
-        handle._swaps.append(_swap(model, path, ProbedModule(model.get_submodule(path), rt, path, False, backend)))
-    if gate_path is not None:
-        handle._swaps.append(_swap(model, gate_path, AdaptiveGate(model.get_submodule(gate_path), rt, gate_path, True, backend)))
-
+    handle = Handle(model, family, policy, backend, cuda_graphs, plan)
+    handle.installation = install(target_parts, plan, handle.runtime)
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.
     model.forward = handle.forward
@@ -420,13 +334,7 @@ def unpatch(target) -> None:
     handle: Handle | None = model.__dict__.get(_HANDLE_ATTR)
     if handle is None:
         raise RuntimeError("frkern.unpatch: this model is not patched")
-    for parent, name, old in reversed(handle._swaps):
-        wrapper = parent._modules[name]
-        old.train(wrapper.training)
-        if isinstance(wrapper, ReusedTransformer2D):
-            wrapper.remove_hook()
-        parent._modules[name] = old
-    handle._swaps.clear()
+    handle.installation.uninstall()
     model.__dict__.pop("forward", None)
     if handle._own_forward is not None:
         model.forward = handle._own_forward
@@ -436,7 +344,6 @@ def unpatch(target) -> None:
     handle._pipelines.clear()
     handle.runtime.scheduler_driven = False
     handle.runtime.cache.clear()
-    if handle.graphs is not None:
-        handle.graphs.clear()
+    handle.executor.clear()
     del model.__dict__[_HANDLE_ATTR]
     handle.active = False

@@ -1,18 +1,18 @@
-"""The model-family interface: everything the dispatcher needs to know about one kind of model.
+"""The model-family interface: what frkern knows about one kind of model, and the family registry.
 
-The dispatcher (frkern.dispatch) is generic: it finds a family for the target, asks it for the
-model, validates support, swaps in the wrappers of the family's table and calls the network
-through the family's call convention. A family for diffusers transformer models (DiT, PixArt,
-SD3, Flux) implements this same interface; frkern.unet2d is the UNet2DConditionModel family.
+A family describes the model only: how to find it in a pipeline, what it cannot run exactly, how a
+call is bound / run / wrapped, and a map of its parts (`Parts`): the reuse units with their kind,
+the ladder of levels where segment cuts lie, the modules computed before the ladder, the gated
+convolutions and where the time and text conditioning come from. It knows nothing of policies:
+the installers (frkern.install) turn a policy into wrappers over these parts.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-
-from .policies import Policy
 
 
 class Call(NamedTuple):
@@ -43,12 +43,52 @@ def _fresh(value):
     return value
 
 
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of a UNet: its down block and the up block that mirrors it.
+
+    A layer is every module at one position of a block, in the order the forward runs them (a
+    ResNet, then its spatial transformer, then its temporal module); a down block's downsampler is
+    the layer after its last one. Up layers are listed in forward order too."""
+
+    down_block: str
+    down_layers: tuple[tuple[str, ...], ...]
+    downsamplers: tuple[str, ...]
+    up_block: str
+    up_layers: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """A map of a model's parts, by module path (what the installers read)."""
+
+    units: dict[str, str]  # path -> unit kind, a key of the family's `wrappers`
+    entry: tuple[str, ...]  # modules computed before the first level (conv_in, a temporal input transformer)
+    levels: tuple[Level, ...]  # outermost (full resolution) first
+    mid: str | None  # the mid block
+    gated_convs: tuple[str, ...]  # convolutions a residual-skipping policy may gate
+    time_embedding: str  # the module whose output is the time embedding the blocks receive
+    text_dim: int | None  # width of the text conditioning (encoder hidden states)
+    notes: dict = field(default_factory=dict)  # family-specific facts the README table states
+
+    def down_order(self) -> list[str]:
+        """The modules of the way down, in the order the forward runs them."""
+        order = list(self.entry)
+        for level in self.levels:
+            for layer in level.down_layers:
+                order += layer
+            order += level.downsamplers
+        if self.mid is not None:
+            order.append(self.mid)
+        return order
+
+
 class ModelFamily:
-    """Interface; see frkern.unet2d.UNet2DFamily for the reference implementation."""
+    """Interface; frkern.unet2d.UNet2DFamily is the reference implementation."""
 
     name: str = ""
-    # class of a module -> (wrapper class, the policy reuse kind that makes it cache, or None)
-    unit_wrappers: dict[type, tuple[type, str | None]] = {}
+    # unit kind -> the wrapper class that takes the place of a module of that kind (frkern.units)
+    wrappers: dict[str, type] = {}
 
     def find(self, target) -> tuple[nn.Module, Any] | None:
         """(model, pipeline or None) if `target` is, or holds, a model of this family."""
@@ -58,16 +98,7 @@ class ModelFamily:
         """Raise ValueError naming every part of `model` frkern cannot run exactly."""
         raise NotImplementedError
 
-    def segment_paths(self, model: nn.Module, policy: Policy) -> list[str]:
-        """Module paths a segment policy caches whole."""
-        raise NotImplementedError
-
-    def adaptive_gate(self, model: nn.Module, policy: Policy) -> tuple[list[str], str]:
-        """(modules computed before the adaptive indicator, the module whose input it is)."""
-        raise NotImplementedError
-
-    def gated_conv_paths(self, model: nn.Module) -> list[str]:
-        """Module paths of the convolutions a residual-skipping policy (SkipConv) gates."""
+    def parts(self, model: nn.Module) -> Parts:
         raise NotImplementedError
 
     def bind_call(self, args: tuple, kwargs: dict) -> tuple[Call, bool]:
@@ -90,3 +121,34 @@ class ModelFamily:
 
     def wrap_output(self, out: torch.Tensor, return_dict: bool):
         raise NotImplementedError
+
+
+FAMILIES: list[ModelFamily] = []
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Add a family to those `patch` tries (in registration order)."""
+    if any(type(f) is type(family) for f in FAMILIES):
+        raise ValueError(f"frkern: a {type(family).__name__} is already registered")
+    FAMILIES.append(family)
+    return family
+
+
+def uncompiled(module):
+    # torch.compile(model) returns an OptimizedModule around the model; patch the model inside (the
+    # compiled wrapper calls its forward, so it picks the patch up on its next call).
+    return module._orig_mod if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
+
+
+def find_model(target) -> tuple[ModelFamily, nn.Module, Any]:
+    """(family, model, pipeline or None) for a patch target, or a TypeError saying what is accepted."""
+    for family in FAMILIES:
+        found = family.find(target)
+        if found is not None:
+            return (family, *found)
+    inner = getattr(uncompiled(target), "unet", None)
+    names = ", ".join(f.name for f in FAMILIES)
+    raise TypeError(
+        f"frkern.patch: expected a diffusers {names}, or a pipeline with one in .unet, "
+        f"got {type(target).__name__}" + (f" (its .unet is {type(inner).__name__})" if inner is not None else "")
+    )

@@ -1,7 +1,8 @@
 """Reuse policies: small frozen objects that decide, for step i of N, what a UNet call does.
 
-Policies know nothing of tensors or modules. The dispatcher asks `policy.plan(i, n)` for a
-`StepPlan` and reads `policy.cached_parts` to learn which parts of the UNet are cached.
+Policies know nothing of tensors, modules or the runtime: the runtime asks `policy.plan(i, n)` for
+a `StepPlan`; what a policy caches is its installer's business (frkern.install). A policy's JSON
+carries a format `version` (POLICY_VERSION); older files without one read as version 1.
 """
 from __future__ import annotations
 
@@ -52,29 +53,22 @@ def _check_bias(value, cls: str) -> None:
         raise ValueError(f"{cls}: bias must be a number in [0, 1] (the schedule fraction where lambda = 0.5), got {value!r}")
 
 
+POLICY_VERSION = 1  # the JSON format of policies; raised when a field's meaning changes
+
+
 class Policy:
     """Base of all policies: JSON round trip and the `plan` protocol."""
 
     name: ClassVar[str] = ""
-    # What is cached: "none", "units" (ResNet conv1 outputs and transformer residual branches),
-    # or "segment" (outputs of inner UNet blocks, see frkern.segments).
-    cached_parts: ClassVar[str] = "none"
-    # Whether the last keyframe's UNet output must be kept for score mixing.
-    keeps_keyframe_output: ClassVar[bool] = False
 
     def plan(self, step: int, num_steps: int) -> StepPlan:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @property
-    def caches(self) -> bool:
-        """Whether anything is kept between calls (if not, no step protocol is needed)."""
-        return self.cached_parts != "none" or self.keeps_keyframe_output
 
     def schedule(self, num_steps: int) -> list[StepPlan]:
         return [self.plan(i, num_steps) for i in range(num_steps)]
 
     def to_dict(self) -> dict:
-        return {"policy": self.name, **dataclasses.asdict(self)}
+        return {"policy": self.name, "version": POLICY_VERSION, **dataclasses.asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -119,16 +113,11 @@ class FRDiff(Policy):
     bias: float = 0.5
 
     name: ClassVar[str] = "FRDiff"
-    cached_parts: ClassVar[str] = "units"
 
     def __post_init__(self):
         _check_int("interval", self.interval, 1, "FRDiff")
         _check_bool("score_mix", self.score_mix, "FRDiff")
         _check_bias(self.bias, "FRDiff")
-
-    @property
-    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
-        return self.score_mix
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)
@@ -155,7 +144,6 @@ class Keyframes(Policy):
     jumps: tuple[int, ...] = ()
 
     name: ClassVar[str] = "Keyframes"
-    cached_parts: ClassVar[str] = "units"
 
     def __post_init__(self):
         for field in ("keyframes", "jumps"):
@@ -177,10 +165,6 @@ class Keyframes(Policy):
         last = max(self.keyframes + self.jumps)
         if self.num_steps and last >= self.num_steps:
             raise ValueError(f"Keyframes: step {last} is outside 0..{self.num_steps - 1}")
-
-    @property
-    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
-        return self.score_mix or bool(self.jumps)
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)
@@ -211,7 +195,6 @@ class Clockwork(Policy):
     adaptor: str = ""
 
     name: ClassVar[str] = "Clockwork"
-    cached_parts: ClassVar[str] = "segment"
 
     def __post_init__(self):
         _check_int("clock", self.clock, 1, "Clockwork")
@@ -234,7 +217,6 @@ class DeepCache(Policy):
     branch: int = 0
 
     name: ClassVar[str] = "DeepCache"
-    cached_parts: ClassVar[str] = "segment"
 
     def __post_init__(self):
         _check_int("interval", self.interval, 1, "DeepCache")
@@ -260,7 +242,6 @@ class SkipConv(Policy):
     interval: Optional[int] = None
 
     name: ClassVar[str] = "SkipConv"
-    cached_parts: ClassVar[str] = "gated_conv"
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
@@ -278,7 +259,7 @@ class SkipConv(Policy):
 
 
 ADAPTIVE_RULES = ("first_block", "accumulated")
-ADAPTIVE_REUSE = {"deepcache": "segment", "clockwork": "segment", "units": "units"}
+ADAPTIVE_REUSE = ("deepcache", "clockwork", "units")
 
 
 @dataclass(frozen=True)
@@ -295,7 +276,7 @@ class Adaptive(Policy):
     - "accumulated": v = acc + max(poly(d), 0), d = the same relative change against the previous
       call, acc = v of the previous call, reset to 0 on full calls. `poly` (numpy.polyval order,
       identity by default) maps the indicator's change to the output's, calibrated with
-      frkern.adaptive.calibrate.
+      frkern.calibration.calibrate.
     The first `warmup` steps are full; at most `max_reuse` calls in a row reuse. threshold 0 =
     full compute. With score_mix, reuse outputs are blended with the keyframe's as FRDiff does.
     """
@@ -337,14 +318,6 @@ class Adaptive(Policy):
         _check_bool("score_mix", self.score_mix, "Adaptive")
         _check_bias(self.bias, "Adaptive")
 
-    @property
-    def cached_parts(self) -> str:  # type: ignore[override]
-        return ADAPTIVE_REUSE[self.reuse]
-
-    @property
-    def keeps_keyframe_output(self) -> bool:  # type: ignore[override]
-        return self.score_mix
-
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)
         if step < self.warmup or self.threshold == 0:  # v < 0 never holds: no need to measure it
@@ -373,7 +346,11 @@ def policy_from_dict(data: dict) -> Policy:
         raise ValueError(f"unknown policy {kind!r}; known: {sorted(POLICIES)}")
     cls = POLICIES[kind]
     fields = {f.name for f in dataclasses.fields(cls)}
-    args = {k: v for k, v in data.items() if k != "policy"}
+    version = data.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= POLICY_VERSION:
+        raise ValueError(f"{kind}: policy format version {version!r} is not one this frkern reads "
+                         f"(1..{POLICY_VERSION}); a newer frkern wrote it?")
+    args = {k: v for k, v in data.items() if k not in ("policy", "version")}
     unknown = set(args) - fields
     if unknown:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")

@@ -60,8 +60,11 @@ class Runtime:
     Reuse reads only what the same slot stored on its last keyframe.
     """
 
-    def __init__(self, policy: Policy, model: nn.Module):
-        self.policy = policy
+    def __init__(self, policy: Policy, model: nn.Module, caches: bool = True, reuse_limit: int | None = None):
+        self.policy = policy  # its plan(step, num_steps) says what each call does
+        # Is anything kept between calls (the installation's plan says)? If not, no step protocol.
+        self.caches = caches
+        self.reuse_limit = reuse_limit  # the longest run of reuse calls a decided plan may make
         self.cache = FeatureCache()
         self.watch = WeightsWatch(model)
         self.num_steps: int | None = None
@@ -113,7 +116,7 @@ class Runtime:
     def __deepcopy__(self, memo):
         import copy
 
-        new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo))
+        new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo), self.caches, self.reuse_limit)
         new.begin_checks = list(self.begin_checks)
         memo[id(self)] = new
         return new
@@ -179,7 +182,7 @@ class Runtime:
     def start_call(self, call_sig: CallSignature) -> StepPlan:
         if self.mode != OFF:
             raise RuntimeError("frkern: nested call of a patched model")
-        if not self.policy.caches:
+        if not self.caches:
             # Kernels only: no step protocol needed, nothing is read or written.
             self.mode = FULL_MODE
             self.stats["full"] += 1
@@ -203,7 +206,7 @@ class Runtime:
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
             plan = FULL
-        if plan.decide and self._reuse_run.get(self.slot, 0) >= self.policy.max_reuse:
+        if plan.decide and self.reuse_limit is not None and self._reuse_run.get(self.slot, 0) >= self.reuse_limit:
             self.stats["forced"] += 1  # the longest run of reuse calls is reached
             plan = FULL
         self.reads.clear()
@@ -247,7 +250,7 @@ class Runtime:
         return True
 
     def end_call(self, plan: StepPlan, call_sig: CallSignature) -> None:
-        if self.mode == FULL_MODE and plan.keyframe and self.policy.caches:
+        if self.mode == FULL_MODE and plan.keyframe and self.caches:
             # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
             self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
             for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):

@@ -18,8 +18,7 @@ from diffusers.models.unets.unet_2d_blocks import (
 )
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
-from .family import Call, ModelFamily
-from .segments import adaptive_gate, segment_cut
+from .family import Call, Level, ModelFamily, Parts, register_family, uncompiled
 from .units import FusedGEGLU, ReusedResnetBlock2D, ReusedTransformer2D
 
 SUPPORTED_BLOCKS = (
@@ -27,66 +26,92 @@ SUPPORTED_BLOCKS = (
 )
 
 
-_FORWARD_ARGS = [p.name for p in inspect.signature(UNet2DConditionModel.forward).parameters.values()
-                 if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # without self
+class UNetFamily(ModelFamily):
+    """What the diffusers UNets share: down blocks, a mid block and mirrored up blocks whose layers
+    are lists of modules by index (resnets[i], attentions[i], ...). A subclass names its model class,
+    blocks, unit types and the per-layer module lists."""
 
-
-def uncompiled(module):
-    # torch.compile(unet) returns an OptimizedModule around the UNet; patch the UNet inside (the
-    # compiled wrapper calls its forward, so it picks the patch up on its next call).
-    return module._orig_mod if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else module
-
-
-class UNet2DFamily(ModelFamily):
-    name = "UNet2DConditionModel"
-    unit_wrappers = {
-        ResnetBlock2D: (ReusedResnetBlock2D, "units"),
-        Transformer2DModel: (ReusedTransformer2D, "units"),
-        GEGLU: (FusedGEGLU, None),
-    }
+    model_cls: type = None
+    output_cls: type = None
+    supported_blocks: tuple = ()
+    layer_kinds: tuple[str, ...] = ("resnets", "attentions")  # the module lists of a block, by layer index
+    entry: tuple[str, ...] = ("conv_in",)
+    unit_types: dict[type, str] = {}  # module class -> unit kind
 
     def find(self, target):
         target = uncompiled(target)
-        if isinstance(target, UNet2DConditionModel):
+        if isinstance(target, self.model_cls):
             return target, None
-        unet = uncompiled(getattr(target, "unet", None))
-        if isinstance(unet, UNet2DConditionModel):
-            return unet, target
+        model = uncompiled(getattr(target, "unet", None))
+        if isinstance(model, self.model_cls):
+            return model, target
         return None
 
-    def check_supported(self, unet) -> None:
+    def _blocks(self, model):
+        blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(model.down_blocks)] + [("mid_block", model.mid_block)]
+        return blocks + [(f"up_blocks.{i}", b) for i, b in enumerate(model.up_blocks)]
+
+    def check_supported(self, model) -> None:
+        problems = [f"{name} is {type(block).__name__}" for name, block in self._blocks(model)
+                    if block is not None and type(block) not in self.supported_blocks]
+        if len(model.up_blocks) != len(model.down_blocks):
+            problems.append(f"{len(model.down_blocks)} down blocks but {len(model.up_blocks)} up blocks")
+        problems += self._module_problems(model)
+        if problems:
+            raise ValueError(
+                f"frkern.patch: this {self.name} has parts frkern does not support: " + "; ".join(problems)
+                + f". Supported blocks: {', '.join(c.__name__ for c in self.supported_blocks)}"
+            )
+
+    def _module_problems(self, model) -> list[str]:
         problems = []
-        blocks = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid_block", unet.mid_block)]
-        blocks += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
-        for name, block in blocks:
-            if block is not None and type(block) not in SUPPORTED_BLOCKS:
-                problems.append(f"{name} is {type(block).__name__}")
-        for name, m in unet.named_modules():
+        for name, m in model.named_modules():
             if type(m) is ResnetBlock2D and m.time_embedding_norm not in ("default", "scale_shift"):
                 problems.append(f"{name} has time_embedding_norm={m.time_embedding_norm!r}")
             if type(m) is Transformer2DModel and not m.is_input_continuous:
                 problems.append(f"{name} is a Transformer2DModel without continuous input")
-        if problems:
-            raise ValueError(
-                "frkern.patch: this UNet has parts frkern does not support: " + "; ".join(problems)
-                + f". Supported blocks: {', '.join(c.__name__ for c in SUPPORTED_BLOCKS)}"
-            )
+        return problems
 
-    def segment_paths(self, unet, policy):
-        return segment_cut(unet, policy)
+    def _layers(self, prefix, block) -> tuple[tuple[str, ...], ...]:
+        lists = [(kind, getattr(block, kind, None) or []) for kind in self.layer_kinds]
+        return tuple(tuple(f"{prefix}.{kind}.{i}" for kind, mods in lists if i < len(mods))
+                     for i in range(len(block.resnets)))
 
-    def adaptive_gate(self, unet, policy):
-        return adaptive_gate(unet, policy)
+    def parts(self, model) -> Parts:
+        n = len(model.down_blocks)
+        levels = []
+        for i, down in enumerate(model.down_blocks):
+            up_path = f"up_blocks.{n - 1 - i}"
+            up = model.up_blocks[n - 1 - i]
+            levels.append(Level(
+                down_block=f"down_blocks.{i}",
+                down_layers=self._layers(f"down_blocks.{i}", down),
+                downsamplers=tuple(f"down_blocks.{i}.downsamplers.{j}"
+                                   for j in range(len(getattr(down, "downsamplers", None) or []))),
+                up_block=up_path,
+                up_layers=self._layers(up_path, up),
+            ))
+        units = {name: self.unit_types[type(m)] for name, m in model.named_modules() if type(m) in self.unit_types}
+        return Parts(
+            units=units, entry=self.entry, levels=tuple(levels),
+            mid="mid_block" if model.mid_block is not None else None,
+            gated_convs=self._gated_convs(model), time_embedding="time_embedding",
+            text_dim=model.config.cross_attention_dim,
+        )
 
-    def gated_conv_paths(self, unet):
+    def _gated_convs(self, model) -> tuple[str, ...]:
         # Every ResNet's conv1 and conv2: most of a UNet's convolution FLOPs, inputs that change
         # smoothly between steps. conv_in/conv_out, shortcuts and resamplers stay dense (small, or
         # strided).
-        return [f"{name}.{conv}" for name, m in unet.named_modules() if isinstance(m, ResnetBlock2D)
-                for conv in ("conv1", "conv2")]
+        return tuple(f"{name}.{conv}" for name, m in model.named_modules() if isinstance(m, ResnetBlock2D)
+                     for conv in ("conv1", "conv2"))
+
+    def _forward_args(self) -> list[str]:
+        return [p.name for p in inspect.signature(self.model_cls.forward).parameters.values()
+                if p.kind is p.POSITIONAL_OR_KEYWORD][1:]  # without self
 
     def bind_call(self, args, kwargs):
-        # UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)
+        # forward(sample, timestep, encoder_hidden_states, ..., return_dict=True)
         kwargs = dict(kwargs)
         return_dict = kwargs.pop("return_dict", True)
         args = list(args)
@@ -99,15 +124,16 @@ class UNet2DFamily(ModelFamily):
             elif name == "encoder_hidden_states":
                 roles[name] = None
             else:
-                raise TypeError(f"UNet2DConditionModel.forward() missing required argument: '{name}'")
+                raise TypeError(f"{self.name}.forward() missing required argument: '{name}'")
         # the other positional arguments by name, so per-call options are found however they are passed
-        names = _FORWARD_ARGS[3:]
+        forward_args = self._forward_args()
+        names = forward_args[3:]
         if len(args) > len(names):
-            raise TypeError(f"UNet2DConditionModel.forward() takes {len(_FORWARD_ARGS)} positional arguments "
+            raise TypeError(f"{self.name}.forward() takes {len(forward_args)} positional arguments "
                             f"but {len(args) + 3} were given")
         for name, value in zip(names, args):
             if name in kwargs:
-                raise TypeError(f"UNet2DConditionModel.forward() got multiple values for argument '{name}'")
+                raise TypeError(f"{self.name}.forward() got multiple values for argument '{name}'")
             kwargs[name] = value
         return_dict = kwargs.pop("return_dict", return_dict)
         return Call(roles["sample"], roles["timestep"], roles["encoder_hidden_states"], (), kwargs), return_dict
@@ -135,4 +161,16 @@ class UNet2DFamily(ModelFamily):
         return network(call.sample, call.timestep, call.context, *call.args, return_dict=False, **call.kwargs)[0]
 
     def wrap_output(self, out, return_dict):
-        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+        return self.output_cls(sample=out) if return_dict else (out,)
+
+
+class UNet2DFamily(UNetFamily):
+    name = "UNet2DConditionModel"
+    model_cls = UNet2DConditionModel
+    output_cls = UNet2DConditionOutput
+    supported_blocks = SUPPORTED_BLOCKS
+    unit_types = {ResnetBlock2D: "resnet", Transformer2DModel: "transformer", GEGLU: "geglu"}
+    wrappers = {"resnet": ReusedResnetBlock2D, "transformer": ReusedTransformer2D, "geglu": FusedGEGLU}
+
+
+register_family(UNet2DFamily())

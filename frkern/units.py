@@ -25,13 +25,17 @@ from .runtime import Runtime
 
 
 def _primary_input(args, kwargs) -> torch.Tensor:
-    x = args[0] if args else kwargs.get("hidden_states")
+    # the first input, however the block is called (diffusers' motion blocks pass ResNets theirs as
+    # input_tensor=...)
+    x = args[0] if args else next((kwargs[k] for k in ("hidden_states", "input_tensor", "sample") if k in kwargs), None)
     if not isinstance(x, torch.Tensor):
         raise TypeError("frkern: expected the module's first input (hidden_states) to be a tensor")
     return x
 
 
 class _Wrapper(nn.Module):
+    # Does it cache features when a policy reuses units (FRDiff)? (Else it only runs fused kernels.)
+    reusable: bool = True
     # Swapped in even when the policy caches nothing here (it runs fused kernels)?
     swap_when_not_cached: bool = True
     # Children the wrapper's forward calls through `gates[name]` when one is installed (SkipConv).
@@ -72,6 +76,17 @@ class _Wrapper(nn.Module):
             delattr(self.__dict__["original"], name)
         else:
             super().__delattr__(name)
+
+    def attach(self, parent: nn.Module, name: str) -> None:
+        """Take the original's place in `parent`."""
+        self.__dict__["_place"] = (parent, name)
+        parent._modules[name] = self
+
+    def detach(self) -> None:
+        """Put the original back where this wrapper stands (with whatever children it has now)."""
+        parent, name = self.__dict__.pop("_place")
+        self.original.train(self.training)
+        parent._modules[name] = self.original
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -191,6 +206,17 @@ class ReusedTransformer2D(_Wrapper):
             self._hook[1].remove()
             object.__setattr__(self, "_hook", None)
 
+    def detach(self) -> None:
+        self.remove_hook()
+        super().detach()
+
+    def _branch(self, projected, hidden_states):
+        """The residual branch from proj_out's output, in the input's layout."""
+        if projected.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
+            b, _, h, w = hidden_states.shape
+            projected = projected.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+        return projected
+
     def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
         def branch_and_output():
             object.__setattr__(self, "_capturing", True)
@@ -198,11 +224,8 @@ class ReusedTransformer2D(_Wrapper):
                 out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
             finally:
                 object.__setattr__(self, "_capturing", False)
-            branch = self._captured
+            branch = self._branch(self._captured, hidden_states)
             object.__setattr__(self, "_captured", None)
-            if branch.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
-                b, _, h, w = hidden_states.shape
-                branch = branch.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
             return out, branch
 
         if self.cache_unit:
@@ -212,9 +235,39 @@ class ReusedTransformer2D(_Wrapper):
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
+class ReusedMotionModule(ReusedTransformer2D):
+    """AnimateDiff's motion module (diffusers' AnimateDiffTransformer3D: attention over frames at
+    each pixel) whose residual branch is cached on keyframes: its output is input + branch, the
+    branch being proj_out's output laid back out as (batch * frames, C, H, W)."""
+
+    def _branch(self, projected, hidden_states):
+        bf, c, h, w = hidden_states.shape
+        frames = projected.shape[1]  # proj_out sees (batch * H * W, frames, C)
+        return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
+                .contiguous().reshape(bf, c, h, w))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.cache_unit:
+            return self.original(hidden_states, *args, **kwargs)
+
+        def branch_and_output():
+            object.__setattr__(self, "_capturing", True)
+            try:
+                out = self.original(hidden_states, *args, **kwargs)
+            finally:
+                object.__setattr__(self, "_capturing", False)
+            branch = self._branch(self._captured, hidden_states)
+            object.__setattr__(self, "_captured", None)
+            return out, branch
+
+        return self.cached(signature(hidden_states), branch_and_output, lambda branch: hidden_states + branch)
+
+
 class FusedGEGLU(_Wrapper):
     """diffusers' GEGLU (feed-forward activation of SD/SDXL transformer blocks) with the gate,
     h * gelu(g), as one fused op after the projection. Caches nothing."""
+
+    reusable = False
 
     def forward(self, hidden_states, *args, **kwargs):
         if args or kwargs.get("scale") is not None:  # deprecated arguments: diffusers' own path
@@ -276,14 +329,24 @@ class ConvGate:
     hooks) takes the PyTorch reference path, which calls the module itself on the whole map, so
     what is computed is exactly the adapted convolution."""
 
-    def __init__(self, runtime: Runtime, unit: str, backend: str):
-        policy = runtime.policy
+    def __init__(self, runtime: Runtime, unit: str, backend: str, tile: int, threshold: float):
         self.runtime, self.unit, self.backend = runtime, unit, backend
-        self.tile, self.threshold = policy.tile, float(policy.threshold)
+        self.tile, self.threshold = tile, float(threshold)
+        self._place = None
         self.last_active = None
         self.last_affected = None
         self.last_shape = None  # (n, cin, cout, k, h, w) of the last gated step (FLOP accounting)
         self._checked = None  # the module last found supported
+
+    def attach(self, parent: nn.Module, name: str) -> None:
+        """Make `parent` (a wrapper with `name` in its gated_children) call its child through this gate."""
+        self._place = (parent, name)
+        parent.gates[name] = self
+
+    def detach(self) -> None:
+        parent, name = self._place
+        parent.gates.pop(name, None)
+        self._place = None
 
     def __repr__(self) -> str:
         return f"ConvGate(unit={self.unit!r}, tile={self.tile}, threshold={self.threshold})"

@@ -289,7 +289,7 @@ def test_compiled_adaptive_does_not_recompile_from_step_to_step():
 def test_calibration_fits_the_output_change_and_round_trips():
     import numpy as np
 
-    from frkern.adaptive import calibrate
+    from frkern.calibration import calibrate
 
     pipe, prompt = make_sd_pipeline(), sd_prompt_kwargs(batch=2)
     policy = calibrate(pipe, frkern.Adaptive(0.2, reuse="clockwork"), lambda: generate(pipe, prompt, steps=8),

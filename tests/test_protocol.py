@@ -20,7 +20,7 @@ class ReusedAttention(_Wrapper):
     """Example unit kind: every attention layer's output, cached on keyframes (what FRDiff does
     for DiT attention outputs). All it says is what to compute; the runtime decides the rest."""
 
-    swap_when_not_cached = False
+    swap_when_not_cached = False  # nothing fused: swapped in only where a policy caches it
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.cached(signature(hidden_states), lambda: self.original(hidden_states, *args, **kwargs))
@@ -43,7 +43,9 @@ class AttentionHooks:
 
 
 def test_a_new_unit_kind_is_a_class_and_a_table_row(monkeypatch):
-    monkeypatch.setattr(UNet2DFamily, "unit_wrappers", {Attention: (ReusedAttention, "units")})
+    # the family's two tables: which modules are units of the new kind, which wrapper takes their place
+    monkeypatch.setattr(UNet2DFamily, "unit_types", {Attention: "attention"})
+    monkeypatch.setattr(UNet2DFamily, "wrappers", {"attention": ReusedAttention})
     unet = sd_unet()
     ref = copy.deepcopy(unet)
     hooks = AttentionHooks(ref)
