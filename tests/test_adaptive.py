@@ -42,7 +42,8 @@ class RuleStatement:
         return max(((a[i] - b[i]).abs().mean() / b[i].abs().mean()).item() for i in range(a.shape[0]))
 
     def pre_hook(self, module, args, kwargs):
-        g = args[0] if args else kwargs["hidden_states"]
+        # the first input, however the block is called (motion blocks pass ResNets input_tensor=)
+        g = args[0] if args else kwargs.get("hidden_states", kwargs.get("input_tensor"))
         p = self.p
         reuse = False
         if self.step >= p.warmup and self.run < p.max_reuse and p.threshold > 0:

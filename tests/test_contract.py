@@ -1,0 +1,258 @@
+"""The contract every model family meets under every policy (the pattern of diffusers'
+CacheTesterMixin): one suite parametrised over families x policies instead of per-family copies.
+
+For each family (a tiny model of it) and each policy, on a hand-driven sequence of calls:
+- NoReuse is bit-identical to the unpatched model; unpatch restores the very modules;
+- each policy equals its independent statement (tests/reference_video.py, hook-based, on an
+  unpatched copy; the adaptive rule: test_adaptive.RuleStatement; SkipConv: the fp64 definition of
+  test_skip_conv.GatedConvHooks), step by step;
+- CUDA graphs (emulated on a CPU) give what eager gives, bit for bit;
+- torch.compile of the patched model: no graph break, no recompile over generations.
+A new family adds one row to FAMILIES (a builder and the call inputs); a new policy one row to
+POLICIES with its statement.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import frkern
+from devices import EmulatedCapture
+from reference import lam
+from reference_video import ClockworkVideoHooks, DeepCacheVideoHooks, FRDiffVideoHooks
+from test_adaptive import RuleStatement
+from test_skip_conv import GatedConvHooks
+from tiny import sd_inputs, sd_unet, sdxl_unet
+from tiny_video import motion_inputs, motion_unet
+
+STEPS = 4
+TOL = 1e-5  # fp32, relative L2 per call: reuse = input + cached branch, fused GroupNorm+SiLU rounding
+
+
+def _image_inputs(unet, batch):
+    sample, ehs, kw = sd_inputs(unet, batch=batch, size=8)
+    return dict(sample=sample, encoder_hidden_states=ehs, **kw)
+
+
+def _motion_inputs(unet, batch):
+    kw = motion_inputs(unet, batch=batch, frames=4, size=8)
+    kw.pop("timestep"), kw.pop("return_dict")
+    return kw
+
+
+# family -> (builder, inputs(model, batch) -> call kwargs without timestep, FRDiff unit kinds)
+FAMILIES = {
+    "sd": (lambda: sd_unet(), _image_inputs, ("resnet", "transformer")),
+    "sdxl": (lambda: sdxl_unet(), _image_inputs, ("resnet", "transformer")),
+    "motion": (lambda: motion_unet(), _motion_inputs, ("resnet", "transformer", "temporal_transformer")),
+}
+
+
+def calls(model, inputs, steps=STEPS, batch=2, seed=0):
+    """`steps` calls of slowly changing latents, as a sampler makes them."""
+    kw = inputs(model, batch)
+    g = torch.Generator().manual_seed(seed)
+    x = kw.pop("sample")
+    out = []
+    for i in range(steps):
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+        out.append(dict(kw, sample=x.clone(), timestep=torch.tensor(900 - 90 * i)))
+    return out
+
+
+def run_patched(model, handle, seq):
+    outs = []
+    with torch.no_grad():
+        for i, kw in enumerate(seq):
+            handle.set_step(i)
+            outs.append(model(**kw, return_dict=False)[0])
+    return outs
+
+
+def run_plain(model, seq, before=lambda i: None):
+    outs = []
+    with torch.no_grad():
+        for i, kw in enumerate(seq):
+            before(i)
+            outs.append(model(**kw, return_dict=False)[0])
+    return outs
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def assert_close(got, want, tol, what):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert torch.isfinite(a).all(), (what, i)
+        if tol == 0:
+            assert torch.equal(a, b), (what, i, rel(a, b))
+        else:
+            assert rel(a, b) <= tol, (what, i, rel(a, b))
+
+
+# --- statements -----------------------------------------------------------------------------------
+def keyframes_of(policy, steps=STEPS):
+    return {i for i, p in enumerate(policy.schedule(steps)) if p.keyframe}
+
+
+def frdiff_statement(ref, kinds, policy, seq):
+    hooks = FRDiffVideoHooks(ref, kinds=kinds)
+    keys, key_out, outs = keyframes_of(policy, len(seq)), None, []
+    with torch.no_grad():
+        for i, kw in enumerate(seq):
+            hooks.keyframe = i in keys
+            mix = lam(i, len(seq), policy.bias) if policy.score_mix and i not in keys else 1.0
+            if mix == 0.0:
+                outs.append(key_out.clone())
+                continue
+            out = ref(**kw, return_dict=False)[0]
+            if i in keys:
+                key_out = out
+            outs.append(mix * out + (1 - mix) * key_out if mix < 1.0 else out)
+    return outs
+
+
+def segment_statement(hooks, policy, ref, seq):
+    keys = keyframes_of(policy, len(seq))
+    return run_plain(ref, seq, before=lambda i: setattr(hooks, "keyframe", i in keys))
+
+
+class _OuterUnits(FRDiffVideoHooks):
+    """FRDiff's units except those of the outermost down block, which compute on every call and
+    give the adaptive indicator (First-Block-Cache's first block)."""
+
+    def _hook(self, name, module, args, out):
+        return None if name.startswith("down_blocks.0.") else super()._hook(name, module, args, out)
+
+
+def adaptive_statement(ref, kinds, policy, seq):
+    if policy.reuse == "deepcache":
+        hooks = DeepCacheVideoHooks(ref, policy.branch)
+        gate = hooks.first_skipped_module
+    elif policy.reuse == "clockwork":
+        hooks = ClockworkVideoHooks(ref, policy.levels)
+        gate = ref.down_blocks[policy.levels - 1].downsamplers[0]
+    else:
+        hooks = _OuterUnits(ref, kinds=kinds)
+        gate = ref.down_blocks[0].downsamplers[0]
+    statement = RuleStatement(policy, lambda keyframe: setattr(hooks, "keyframe", keyframe))
+    handle = gate.register_forward_pre_hook(statement.pre_hook, with_kwargs=True)
+    try:
+        outs = run_plain(ref, seq, before=lambda i: setattr(statement, "step", i))
+    finally:
+        handle.remove()
+    return outs, statement
+
+
+# --- the matrix -----------------------------------------------------------------------------------
+POLICIES = {
+    "NoReuse": frkern.NoReuse(),
+    "FRDiff": frkern.FRDiff(interval=2, score_mix=False),
+    "FRDiff-mix": frkern.FRDiff(interval=3, score_mix=True, bias=0.3),
+    "DeepCache-0": frkern.DeepCache(interval=2, branch=0),
+    "DeepCache-4": frkern.DeepCache(interval=3, branch=4),
+    "Clockwork": frkern.Clockwork(clock=2, levels=1),
+    "SkipConv": frkern.SkipConv(threshold=0.3, tile=4),
+    "Adaptive-units": frkern.Adaptive(0.5, reuse="units", warmup=1, max_reuse=2),
+    "Adaptive-deepcache": frkern.Adaptive(0.5, rule="accumulated", reuse="deepcache", branch=1, warmup=1,
+                                          max_reuse=2, poly=(2.0, 0.0)),
+    "Adaptive-clockwork": frkern.Adaptive(0.5, reuse="clockwork", levels=1, warmup=1, max_reuse=2),
+}
+
+
+def statement_outputs(name, policy, ref, kinds, seq):
+    if name == "NoReuse":
+        return run_plain(ref, seq), 0, None
+    if name.startswith("FRDiff"):
+        return frdiff_statement(ref, kinds, policy, seq), TOL, None
+    if name.startswith("DeepCache"):
+        return segment_statement(DeepCacheVideoHooks(ref, policy.branch), policy, ref, seq), 0, None
+    if name == "Clockwork":
+        return segment_statement(ClockworkVideoHooks(ref, policy.levels), policy, ref, seq), 0, None
+    if name == "SkipConv":
+        hooks = GatedConvHooks(ref, tile=policy.tile, threshold=policy.threshold)
+        keys = keyframes_of(policy, len(seq))
+        return run_plain(ref, seq, before=lambda i: setattr(hooks, "keyframe", i in keys)), 1e-5, None
+    outs, statement = adaptive_statement(ref, kinds, policy, seq)
+    return outs, TOL, statement
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family_case(request):
+    make, inputs, kinds = FAMILIES[request.param]
+    model = make()
+    return request.param, model, inputs, kinds
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_policy_equals_its_statement_and_unpatch_restores(family_case, name):
+    family, base, inputs, kinds = family_case
+    policy = POLICIES[name]
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    seq = calls(model, inputs)
+    modules = dict(model.named_modules())
+    want, tol, statement = statement_outputs(name, policy, ref, kinds, seq)
+
+    handle = frkern.patch(model, policy, backend="torch")
+    handle.begin(STEPS)
+    got = run_patched(model, handle, seq)
+    assert_close(got, want, tol, f"{family} {name}")
+    stats = handle.stats
+    if statement is not None:  # the adaptive rule decided as stated, both ways
+        assert stats["reuse"] == sum(statement.decisions) > 0, (stats, statement.decisions)
+        assert not all(statement.decisions[policy.warmup:]), statement.decisions
+        for i, v in statement.values.items():
+            assert math.isclose(stats["indicator"][i], v, rel_tol=1e-5), (i, stats["indicator"][i], v)
+    elif name != "NoReuse":
+        assert stats.get("reuse", 0) + stats.get("skip", 0) == STEPS - len(keyframes_of(policy)), stats
+        assert handle.cache_bytes > 0
+
+    frkern.unpatch(model)
+    assert dict(model.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in model.named_modules()), "unpatch left a wrapper in the tree"
+    assert "forward" not in model.__dict__
+    assert_close(run_plain(model, seq[:1]), run_plain(base, seq[:1]), 0, "after unpatch")
+
+
+@pytest.mark.parametrize("name", ["FRDiff-mix", "DeepCache-4", "SkipConv", "Adaptive-units"])
+def test_emulated_cuda_graphs_equal_eager(family_case, name):
+    family, base, inputs, _ = family_case
+    policy = POLICIES[name]
+    eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
+    seq = calls(base, inputs)
+    h_eager = frkern.patch(eager, policy, backend="torch")
+    h_graph = frkern.patch(graphed, policy, backend="torch", cuda_graphs=True)
+    h_graph.graphs.capture = EmulatedCapture()
+    for generation in range(2):
+        h_eager.begin(STEPS), h_graph.begin(STEPS)
+        assert_close(run_patched(graphed, h_graph, seq), run_patched(eager, h_eager, seq), 0, f"{family} {name}")
+        assert h_graph.stats == h_eager.stats
+    assert h_graph.graph_stats["captures"] > 0 and h_graph.graph_stats["replays"] > 0
+
+
+@pytest.mark.parametrize("name", ["FRDiff-mix", "DeepCache-4"])
+def test_compiled_patched_model_has_no_breaks_and_no_recompiles(family_case, name):
+    family, base, inputs, _ = family_case
+    policy = POLICIES[name]
+    model, eager = copy.deepcopy(base), copy.deepcopy(base)
+    seq = calls(base, inputs, batch=1)
+    h_eager = frkern.patch(eager, policy, backend="torch")
+    handle = frkern.patch(model, policy, backend="torch")
+    h_eager.begin(STEPS)
+    want = run_patched(eager, h_eager, seq)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break would raise
+    for generation in range(2):
+        handle.begin(STEPS)
+        with torch._dynamo.config.patch(error_on_recompile=generation > 0):
+            got = run_patched(compiled, handle, seq)
+        assert_close(got, want, 0, f"{family} {name} generation {generation}")
+        assert handle.stats == h_eager.stats
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
