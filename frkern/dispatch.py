@@ -81,16 +81,23 @@ class Handle:
         raise TypeError(_PICKLE_MESSAGE)
 
     # --- user API ----------------------------------------------------------------------------
+    def _check_active(self) -> None:
+        if not self.active:
+            raise RuntimeError("frkern: this handle's model was unpatched; frkern.patch it again for a new handle")
+
     def begin(self, num_steps: int, start: int = 0) -> None:
         """Start a generation of `num_steps` sampler steps (clears every cache), at step `start`."""
+        self._check_active()
         self.runtime.begin(num_steps, start)
 
     def set_step(self, step: int) -> None:
         """Say which sampler step (0 = noisiest) the next calls belong to."""
+        self._check_active()
         self.runtime.set_step(step)
 
     def reset(self) -> None:
         """Drop every cached feature; the next call is a keyframe."""
+        self._check_active()
         rt = self.runtime
         if rt.num_steps is None or not rt.open:
             rt.cache.new_generation()
@@ -109,11 +116,20 @@ class Handle:
 
     @property
     def stats(self) -> dict:
-        """Calls of the current generation by kind: full, reuse, skip (no network), promoted
-        (a reuse step that had to run in full), untracked (outside any tracked generation); with
-        SkipConv also active_fraction: {step: fraction of input tiles recomputed} (reads the device);
-        Adaptive also indicator: {step: the indicator value}. A step of several calls (CFG run as two
-        calls) shows the largest of them, as a batched call's value is the largest over its images."""
+        """Calls of the current generation by kind:
+        full: computed in full and cached (keyframes, warm-up, promoted and forced calls);
+        reuse: the network ran reading cached features (SkipConv: every gated call after a keyframe,
+          whatever fraction of tiles it recomputed, see active_fraction);
+        skip: no network (a reduced-NFE jump returned the keyframe's output);
+        promoted: planned to reuse but computed in full (nothing cached for this call slot yet, or
+          the call's shapes, dtypes, device, weights or LoRA scale differ from its keyframe's);
+        forced: Adaptive calls computed in full because max_reuse reuse calls in a row were reached;
+        untracked: calls outside any generation the tracked scheduler drives (full, nothing cached);
+        unit_miss: units that found no state of their input's signature on a reuse call.
+        With SkipConv also active_fraction: {step: fraction of input tiles recomputed} (reads the
+        device); Adaptive also indicator: {step: the indicator value}. A step of several calls (CFG
+        run as two calls) shows the largest of them, as a batched call's value is the largest over
+        its images."""
         out = dict(self.runtime.stats)
         for name, by_step in self.runtime.measures.items():
             out[name] = {step: float(v) for step, v in sorted(by_step.items())}
@@ -123,10 +139,12 @@ class Handle:
         return self.policy.schedule(num_steps)
 
     def unpatch(self) -> None:
+        self._check_active()
         unpatch(self.unet)
 
     def track(self, pipeline) -> None:
         """Let `pipeline`'s scheduler drive this model too (a second pipeline sharing the model)."""
+        self._check_active()
         if pipeline is None:
             return
         if not (hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "step")):
@@ -139,6 +157,7 @@ class Handle:
         """Run the network through torch.compile(**compile_kwargs) (inside the CUDA graphs too,
         with cuda_graphs=True); frkern's step logic stays eager around it. Equivalent to compiling
         the patched model yourself (torch.compile(unet)), which also works."""
+        self._check_active()
         self.executor.compile(**compile_kwargs)
         return self
 
@@ -152,6 +171,7 @@ class Handle:
     def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
         """One pass of the network in the runtime's current mode, outside step tracking and score
         mixing. Used by frkern.autofr."""
+        self._check_active()
         return self.family.run(self.executor.original, Call(sample, timestep, encoder_hidden_states, (), kwargs))
 
     # --- scheduler tracking ------------------------------------------------------------------

@@ -193,8 +193,9 @@ class Runtime:
             if not self.scheduler_driven:
                 raise RuntimeError(
                     "frkern: no generation started. A patched pipeline starts one in "
-                    "scheduler.set_timesteps; in a hand-written loop call handle.begin(num_steps) and "
-                    "handle.set_step(i) before each call."
+                    "scheduler.set_timesteps: if this model runs inside a pipeline, patch the pipeline, "
+                    "not its UNet (frkern.patch(pipe, policy)), so that its scheduler is tracked. In a "
+                    "hand-written loop call handle.begin(num_steps) and handle.set_step(i) before each call."
                 )
             # Called outside its scheduler's generation (e.g. by another pipeline whose scheduler
             # frkern does not track): correct, full compute, nothing cached.
@@ -268,9 +269,12 @@ class Runtime:
         self.slot += 1
 
     def abort_call(self) -> None:
-        """A call raised: forget the slot's keyframe so nothing half-written is ever reused."""
-        self._key_sigs.pop(self.slot, None)
-        self._reuse_run.pop(self.slot, None)
+        """A call raised: free every cached feature of the generation (an interrupted generation
+        holds no memory; nothing half-written is ever reused). The generation stays open: a later
+        call computes in full and starts caching again."""
+        self.cache.clear()
+        self._key_sigs.clear()
+        self._reuse_run.clear()
         self.reads.clear()
         self.writes.clear()
         self.pending.clear()

@@ -154,3 +154,43 @@ def test_hand_loop_errors():
     handle.begin(3)
     with pytest.raises(ValueError, match="step"):
         handle.set_step(-1)
+
+
+def test_handle_refuses_after_unpatch():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(), backend="torch")
+    handle.begin(2)
+    frkern.unpatch(unet)
+    for use in (lambda: handle.begin(2), lambda: handle.set_step(0), handle.reset, handle.unpatch,
+                lambda: handle.compile(), lambda: handle.track(None)):
+        with pytest.raises(RuntimeError, match="unpatched"):
+            use()
+    assert handle.cache_bytes == 0 and handle.stats == {}
+
+
+def test_a_failed_call_frees_the_generation_and_the_next_call_computes():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.DeepCache(interval=3, branch=1), backend="torch")
+    sample, ehs, _ = sd_inputs(unet)
+    handle.begin(6)
+    with torch.no_grad():
+        for i in range(2):
+            handle.set_step(i)
+            unet(sample, 900 - 100 * i, ehs)
+        assert handle.cache_bytes > 0
+        handle.set_step(2)
+        with pytest.raises(Exception):
+            unet(sample, 700, ehs[:, :, :5])  # another text width: promoted to full, fails inside the network
+        assert handle.cache_bytes == 0  # an interrupted generation holds no memory
+        handle.set_step(2)
+        unet(sample, 700, ehs)  # nothing cached: promoted to a full call
+    assert handle.stats == {"full": 3, "reuse": 1, "promoted": 2}
+
+
+def test_patching_the_unet_of_a_pipeline_says_to_patch_the_pipeline():
+    from tiny import make_sd_pipeline, sd_prompt_kwargs
+
+    pipe = make_sd_pipeline()
+    frkern.patch(pipe.unet, frkern.FRDiff(), backend="torch")
+    with pytest.raises(RuntimeError, match=r"patch the pipeline, not its UNet"):
+        pipe(**sd_prompt_kwargs(), num_inference_steps=2, output_type="latent")
