@@ -1,0 +1,198 @@
+"""Wrappers for the units of the video UNets beyond AnimateDiff's (frkern.video): ModelScope's
+UNet3DConditionModel and Stable Video Diffusion's UNetSpatioTemporalConditionModel.
+
+Each follows the unit protocol of frkern.units (`self.cached(sig, compute, reuse)`):
+- ReusedTemporalTransformer (TransformerTemporalModel: UNet3D's transformer_in and temp_attentions):
+  the residual branch, proj_out's output laid back out as (batch * frames, C, H, W); a reuse step
+  is input + branch.
+- ReusedTemporalConv (TemporalConvLayer: UNet3D's temp_convs): the residual branch, conv4's output
+  (B, C, F, H, W) laid back out as (batch * frames, C, H, W); a reuse step is input + branch.
+- ReusedSpatioTemporalTransformer (TransformerSpatioTemporalModel: SVD's attentions): the residual
+  branch, proj_out's output (of the AlphaBlender-mixed spatial/temporal stream) laid back out as
+  (batch * frames, C, H, W); a reuse step is input + branch.
+- ReusedTemporalResnetBlock (SVD's TemporalResnetBlock, inside each SpatioTemporalResBlock):
+  conv1's output, conv1(SiLU(norm1(x))); the rest (temb, norm2, conv2, shortcut) is recomputed.
+
+Each reuse reproduces, bit for bit, what the module returns on a keyframe from the same input:
+the branch is exactly the tensor diffusers adds to the input, in the input's layout (reshapes and
+permutes move values, they do not round), and IEEE addition is commutative. None of them runs a
+fused kernel, so none is swapped in when a policy caches nothing there (`swap_when_not_cached`).
+"""
+from __future__ import annotations
+
+from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
+
+from .cache import signature
+from .units import _Wrapper
+
+
+class _ResidualBranch(_Wrapper):
+    """A module whose output is input + branch, the branch being one child's output (`branch_child`)
+    laid back out in the input's layout (`_branch`). A forward hook on that child captures its output
+    during a keyframe's computation; reuse returns input + the cached branch and runs nothing else."""
+
+    swap_when_not_cached = False  # nothing fused: only there to cache
+    branch_child = "proj_out"
+
+    def __init__(self, original, runtime, unit, cache_unit, backend):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        object.__setattr__(self, "_captured", None)
+        object.__setattr__(self, "_capturing", False)
+        object.__setattr__(self, "_hook", None)
+        self.rebind()
+
+    def rebind(self):
+        """Hook whatever the branch's child is now (called again by the weights watch whenever a
+        module is registered anywhere, e.g. a LoRA layer wrapping it)."""
+        child = self._modules[self.branch_child]
+        if self._hook is not None and self._hook[0] is child:
+            return
+        self.remove_hook()
+        object.__setattr__(self, "_hook", (child, child.register_forward_hook(self._capture)))
+
+    def _capture(self, module, args, output):
+        if self._capturing:
+            object.__setattr__(self, "_captured", output)
+
+    def remove_hook(self):
+        if self._hook is not None:
+            self._hook[1].remove()
+            object.__setattr__(self, "_hook", None)
+
+    def detach(self) -> None:
+        self.remove_hook()
+        super().detach()
+
+    def _branch(self, captured, hidden_states, frames):  # pragma: no cover - per subclass
+        raise NotImplementedError
+
+    def _frames(self, args, kwargs) -> int:  # pragma: no cover - per subclass
+        raise NotImplementedError
+
+    def _output(self, hidden_states, args, kwargs):
+        """The module's output tensor (the original's forward)."""
+        return self.original(hidden_states, *args, **kwargs)
+
+    def _reused(self, hidden_states, args, kwargs):
+        """The output tensor through the unit protocol."""
+        frames = self._frames(args, kwargs)
+
+        def branch_and_output():
+            object.__setattr__(self, "_capturing", True)
+            try:
+                out = self._output(hidden_states, args, kwargs)
+            finally:
+                object.__setattr__(self, "_capturing", False)
+            branch = self._branch(self._captured, hidden_states, frames)
+            object.__setattr__(self, "_captured", None)
+            return out, branch
+
+        # the frame count is part of the signature: (batch * frames) alone does not fix the layout
+        return self.cached(signature(hidden_states) + (frames,), branch_and_output,
+                           lambda branch: hidden_states + branch)
+
+
+def _frames_to_batch(projected, hidden_states, frames):
+    """(batch * H * W, frames, C) -> (batch * frames, C, H, W), as diffusers' temporal
+    transformers lay proj_out's output out (the same as AnimateDiff's motion modules)."""
+    bf, c, h, w = hidden_states.shape
+    return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
+            .contiguous().reshape(bf, c, h, w))
+
+
+class _ReturnsTuple(_ResidualBranch):
+    """A transformer whose forward takes return_dict (diffusers' TransformerTemporalModelOutput)."""
+
+    def _output(self, hidden_states, args, kwargs):
+        return self.original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
+
+    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
+        if self.cache_unit:
+            out = self._reused(hidden_states, args, kwargs)
+        else:
+            out = self._output(hidden_states, args, kwargs)
+        return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+
+
+class ReusedTemporalTransformer(_ReturnsTuple):
+    """diffusers' TransformerTemporalModel (attention over frames at each pixel: UNet3D's
+    transformer_in and temp_attentions): output = input + branch, the branch being proj_out's
+    output (batch * H * W, frames, C) laid out as (batch * frames, C, H, W)."""
+
+    def _frames(self, args, kwargs) -> int:
+        # forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames, ...)
+        return int(kwargs["num_frames"] if "num_frames" in kwargs else args[3] if len(args) > 3 else 1)
+
+    def _branch(self, projected, hidden_states, frames):
+        return _frames_to_batch(projected, hidden_states, frames)
+
+
+class ReusedSpatioTemporalTransformer(_ReturnsTuple):
+    """diffusers' TransformerSpatioTemporalModel (SVD's attentions: per layer a spatial transformer
+    block, a temporal one on it, and an AlphaBlender mixing the two): output = input + branch, the
+    branch being proj_out's output (batch * frames, H * W, C) laid out as (batch * frames, C, H, W)."""
+
+    def _frames(self, args, kwargs) -> int:
+        # forward(hidden_states, encoder_hidden_states, image_only_indicator, return_dict)
+        indicator = kwargs["image_only_indicator"] if "image_only_indicator" in kwargs else args[1]
+        return int(indicator.shape[-1])
+
+    def _branch(self, projected, hidden_states, frames):
+        bf, c, h, w = hidden_states.shape
+        return projected.reshape(bf, h, w, c).permute(0, 3, 1, 2).contiguous()
+
+
+class ReusedTemporalConv(_ResidualBranch):
+    """diffusers' TemporalConvLayer (UNet3D's temp_convs: four (3, 1, 1) convolutions over frames):
+    output = input + branch, the branch being conv4's output (batch, C, frames, H, W) laid out as
+    (batch * frames, C, H, W). conv4 is a Sequential (GroupNorm, SiLU, Dropout, Conv3d): its output
+    is the Conv3d's."""
+
+    branch_child = "conv4"
+
+    def _frames(self, args, kwargs) -> int:
+        # forward(hidden_states, num_frames=1)
+        return int(kwargs["num_frames"] if "num_frames" in kwargs else args[0] if args else 1)
+
+    def _branch(self, branch, hidden_states, frames):
+        b, c, f, h, w = branch.shape
+        return branch.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if not self.cache_unit:
+            return self.original(hidden_states, *args, **kwargs)
+        return self._reused(hidden_states, args, kwargs)
+
+
+class ReusedTemporalResnetBlock(_Wrapper):
+    """SVD's TemporalResnetBlock ((3, 1, 1) convolutions over frames on (batch, C, frames, H, W))
+    with conv1's output, conv1(SiLU(norm1(x))), cached on keyframes and read on reuse steps; the
+    rest is diffusers' op sequence, unchanged."""
+
+    swap_when_not_cached = False  # nothing fused: only there to cache
+
+    def forward(self, input_tensor, temb=None):
+        o = self.original  # its children are ours (shared dicts): whatever is in the tree now
+
+        def conv1_branch():
+            return self._modules["conv1"](o.nonlinearity(o.norm1(input_tensor)))
+
+        hidden_states = self.cached(signature(input_tensor), conv1_branch)
+        if o.time_emb_proj is not None:
+            temb = o.nonlinearity(temb)
+            temb = o.time_emb_proj(temb)[:, :, :, None, None]
+            temb = temb.permute(0, 2, 1, 3, 4)
+            hidden_states = hidden_states + temb
+
+        hidden_states = o.norm2(hidden_states)
+        hidden_states = o.nonlinearity(hidden_states)
+        hidden_states = o.dropout(hidden_states)
+        hidden_states = self._modules["conv2"](hidden_states)
+
+        if o.conv_shortcut is not None:
+            input_tensor = o.conv_shortcut(input_tensor)
+        return input_tensor + hidden_states
+
+
+__all__ = ["ReusedTemporalTransformer", "ReusedSpatioTemporalTransformer", "ReusedTemporalConv",
+           "ReusedTemporalResnetBlock"]
