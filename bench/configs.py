@@ -1,5 +1,6 @@
-"""UNet2DConditionModel configurations used by the benchmarks (random weights: speed and FLOPs do
-not depend on the weights). "sd15" and "sdxl" are the real model layouts."""
+"""UNet2DConditionModel configurations used by the benchmarks (helper module, not a script; random
+weights: speed and FLOPs do not depend on the weights). "sd15" and "sdxl" are the real model
+layouts. Standard library only (the scripts' --help needs no torch)."""
 from __future__ import annotations
 
 SD15 = dict(

@@ -1,4 +1,5 @@
-"""Provenance for every committed result: what ran, where, with which versions."""
+"""Provenance for every committed result (helper module, not a script): what ran, where, with
+which versions, and with how many torch threads on a CPU."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
-"""The small class-conditional model frkern trains and ships (bench/assets/tiny_model/).
+"""The small class-conditional model frkern trains and ships (bench/assets/tiny_model/); a helper
+module, not a script.
 
 A diffusers UNet2DConditionModel with SD's block types, in pixel space (32x32 RGB), conditioned
 by cross-attention on a learned table of class tokens (one class per scikit-image photograph,
@@ -71,7 +72,9 @@ def load(path: str = ASSET_DIR, device="cpu", dtype=torch.float32):
 
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"no trained model at {path}: run python bench/train_tiny.py first")
-    unet = UNet2DConditionModel.from_pretrained(path).eval().to(device, dtype)
+    # the dtype at load time, not by .to(dtype) after it (diffusers warns about such casts), and no
+    # low-memory init (it needs accelerate, which is optional, and gains nothing at 2.5 M parameters)
+    unet = UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype, low_cpu_mem_usage=False).eval().to(device)
     state = load_file(os.path.join(path, "class_tokens.safetensors"))
     tokens = ClassTokens(state["table.weight"].shape[0] - 1)
     tokens.load_state_dict(state)
