@@ -17,7 +17,16 @@ Rows: diffusers eager (always); --cuda-graph: the plain UNet captured in one CUD
 once per step; --compile: torch.compile of the plain UNet (default, and on CUDA + CUDA graphs) and
 every frkern row compiled; --compile-graph: only the torch.compile + CUDA graph baseline
 (mode="reduce-overhead"); the `deepcache` package for every DeepCache policy given (if installed);
-frkern NoReuse and every --policies spec, per --backends and --graphs (--no-frkern: none).
+frkern NoReuse and every --policies spec, per --backends and --graphs (--no-frkern: none). Without
+--policies, one or two rows per policy kind (DEFAULT_POLICIES): FRDiff, the shipped Auto-FR
+schedule (Keyframes), Clockwork with the identity and the learned adaptor, DeepCache, Adaptive
+(calibrated accumulated rule, first-block rule) and SkipConv (whose PyTorch reference computes
+densely: its row has the FLOPs of a tile-predicated convolution and the time of dense compute).
+Every spec is parsed and its policy built before any work (grammar: --help).
+
+Threads: --threads (default 1 on a CPU: on a busy shared 2-core machine torch's default of 2 threads
+ran several times slower), stated in the header and the record. On a CPU each figure is the median
+of 3 repeats by default (--repeats), which keeps the default run within minutes on 2 cores.
 
 What is synchronized where (CUDA). Inside a timed generation the harness never makes the host wait
 for the device: the scheduler, its timesteps and the CFG inputs are made before the timing starts,
@@ -58,9 +67,12 @@ from types import SimpleNamespace
 from typing import Callable, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from configs import CONFIGS  # noqa: E402  (stdlib only, like options: --help needs no torch)
-from options import add_out  # noqa: E402
+# stdlib only, like options and specs: --help needs no torch
+from configs import CONFIGS  # noqa: E402
+from options import add_out, help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+from specs import (GRAMMAR, SpecError, check_before_imports, check_steps, error_line, parse_specs,  # noqa: E402,F401
+                   policy_from_spec, specs_or_exit)
 
 # A row whose repeats spread wider than this, relative to their median, is flagged as noisy.
 MAX_SPREAD = 0.2
@@ -70,13 +82,30 @@ DRY = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, blo
            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
            cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8)
 DRY_TEXT = (4, None)  # text length, pooled width
+# One row per policy kind frkern has (NoReuse is always timed): fixed schedules at two settings, the
+# shipped Auto-FR schedule (Keyframes: the search with jumps the README's quality table leads with),
+# Clockwork with its learned adaptor next to the identity one at the same clock, Adaptive with the
+# calibrated accumulated rule (the bench/quality.py setting warmup 2, max_reuse 4) and with the
+# first-block rule, and SkipConv (tile 4, as in bench/quality.py). The Auto-FR schedule and the
+# adaptor were made for 50 DDIM steps: at other --steps the default list leaves them out (and says so).
 DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3,score_mix=false",
-                    "Clockwork:clock=2", "Clockwork:clock=4", "DeepCache:interval=3", "DeepCache:interval=5"]
+                    "@bench/results/autofr_tiny_50steps_frsm3bias1_w4e-4_30it.policy.json",
+                    "Clockwork:clock=2", "Clockwork:clock=4",
+                    "Clockwork:clock=4,adaptor=bench/results/adaptors/clockwork_tiny_ddim50_c4",
+                    "DeepCache:interval=3", "DeepCache:interval=5",
+                    "@bench/results/adaptive_tiny_ddim50_clockwork.policy.json:threshold=0.06,warmup=2,max_reuse=4",
+                    "Adaptive:threshold=0.04,reuse=clockwork,warmup=2,max_reuse=4",
+                    "SkipConv:threshold=0.05,tile=4"]
+# Default --repeats: 10 on CUDA; on a CPU 3 (was 5 before the Auto-FR, adaptor, Adaptive and
+# SkipConv rows came: the default run stays within minutes on 2 cores).
+REPEATS = {"cuda": 10, "cpu": 3}
+SKIPCONV_CPU_NOTE = ("SkipConv's PyTorch reference computes densely and saves no time on a CPU: GFLOP/gen is "
+                     "that of a tile-predicated convolution (affected output tiles only), ms the dense compute")
 
 
 def parser():
     """The command line; needs no torch, so that --help answers before torch and diffusers load."""
-    ap = new_parser(__doc__)
+    ap = new_parser(__doc__, epilog=GRAMMAR)
     ap.add_argument("--config", default="tiny", choices=["tiny", "dry"] + sorted(CONFIGS),
                     help="tiny: the trained model in bench/assets (real weights); dry: a minimal SD layout for dry "
                          "runs (timings mean nothing); others: real layouts, random weights")
@@ -87,8 +116,16 @@ def parser():
     ap.add_argument("--device", default=None,
                     help="torch device to run on (default: cuda if available, else cpu)")
     ap.add_argument("--policies", nargs="*", default=DEFAULT_POLICIES,
-                    help="policy specs, e.g. FRDiff:interval=3 Clockwork:clock=2 DeepCache:interval=5 "
-                         "(frkern NoReuse is always timed too, unless --no-frkern)")
+                    help="policy specs (grammar and examples below), e.g. FRDiff:interval=3 "
+                         "Adaptive:threshold=0.05,reuse=clockwork @FILE.policy.json; all parsed and checked before "
+                         "any work. frkern NoReuse is always timed too, unless --no-frkern. Without --policies: one "
+                         "or two rows per policy kind (the list that ends this entry), whose Auto-FR schedule and "
+                         "adaptor rows are left out at --steps other than 50")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (torch.set_num_threads) for the whole run (default: 1 on CPU, "
+                         "torch's own on CUDA). One thread because a busy shared 2-core machine ran this job "
+                         "several times slower with torch's default of 2 (threads that wait for a core); on "
+                         "idle cores more threads can be faster. Stated in the header and the JSON")
     ap.add_argument("--backends", nargs="*", default=None,
                     help="frkern backends to time (default: torch, plus triton on CUDA)")
     ap.add_argument("--no-frkern", action="store_true",
@@ -109,7 +146,7 @@ def parser():
                          "frkern.graphs.EmulatedCapture, which re-runs the captured function on replay")
     ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="interleaved repeats per timing, after warm-up (default: 10 on CUDA, 5 on CPU)")
+                    help="interleaved repeats per timing, after warm-up (default: 10 on CUDA, 3 on CPU)")
     ap.add_argument("--max-spread", type=float, default=MAX_SPREAD,
                     help="flag a row whose (max - min) / median of repeats exceeds this")
     add_out(ap, "the JSON and markdown results")
@@ -117,15 +154,32 @@ def parser():
     return ap
 
 
-if __name__ == "__main__" and any(a in ("-h", "--help") for a in sys.argv[1:]):
-    parser().parse_args()  # prints the help and exits before torch, diffusers and frkern load
+def frkern_specs(ap, args):
+    """(the --policies specs parsed and checked, [(spec, why) left out]). A bad spec exits with one
+    line; so does one that does not fit --steps, except in the default list, which leaves it out."""
+    specs = specs_or_exit(ap, args.policies, option="--policies")
+    usable, left_out = [], []
+    for spec in specs:
+        try:
+            check_steps(spec.policy, args.steps)
+            usable.append(spec)
+        except SpecError as e:
+            if args.policies != DEFAULT_POLICIES:
+                ap.exit(2, f"{ap.prog}: error: {error_line('--policies', spec.text, e)}\n")
+            left_out.append((spec, str(e)))
+    return usable, left_out
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)  # prints the help and exits before torch, diffusers and frkern load
+    check_before_imports(parser, frkern_specs)  # a bad spec exits here, before they load
 
 import torch  # noqa: E402
 
 import frkern  # noqa: E402
 import frkern.graphs  # noqa: E402
 from configs import TEXT  # noqa: E402
-from flops import count_gflop  # noqa: E402
+from flops import count_gflop_and_result, skipped_conv_flops  # noqa: E402
 from record import device_name, provenance  # noqa: E402
 
 # Tests set this to frkern.graphs.EmulatedCapture() to run the graph variants' code on a CPU.
@@ -430,20 +484,13 @@ def parity(unet, args_call, backend, dtype) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
-def policy_from_spec(spec: str) -> "frkern.Policy":
-    """'FRDiff:interval=3,score_mix=False' -> FRDiff(interval=3, score_mix=False)."""
-    name, _, argstr = spec.partition(":")
-    data = {"policy": name}
-    for part in filter(None, argstr.split(",")):
-        k, _, v = part.partition("=")
-        data[k] = json.loads(v.lower()) if v.lower() in ("true", "false") else json.loads(v)
-    return frkern.policies.policy_from_dict(data)
-
-
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
     ap = parser()
     args = ap.parse_args(argv)
+    quiet_known_warnings()
+    # Every spec parsed and its policy built before anything runs: a bad one stops here, in a second.
+    args.specs, args.left_out = frkern_specs(ap, args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     backends = args.backends or (["torch", "triton"] if device.type == "cuda" else ["torch"])
@@ -455,10 +502,18 @@ def main(argv=None):
     args.graph_capture = GRAPH_CAPTURE or (frkern.graphs.EmulatedCapture() if args.emulate_graphs else None)
     if (True in graph_modes or args.cuda_graph) and device.type != "cuda" and args.graph_capture is None:
         ap.error("--graphs on/both and --cuda-graph need --device cuda (or --emulate-graphs)")
-    args.repeats = args.repeats or (10 if device.type == "cuda" else 5)
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    args.repeats = args.repeats or REPEATS.get(device.type, REPEATS["cpu"])
     compiling = args.compile or args.compile_graph
-    with recompiles_allowed() if compiling else contextlib.nullcontext():
-        return run(args, device, dtype, backends, graph_modes)
+    threads_before = torch.get_num_threads()
+    args.threads = args.threads or (1 if device.type == "cpu" else threads_before)
+    torch.set_num_threads(args.threads)
+    try:
+        with recompiles_allowed() if compiling else contextlib.nullcontext():
+            return run(args, device, dtype, backends, graph_modes)
+    finally:
+        torch.set_num_threads(threads_before)  # callers (tests) keep theirs
 
 
 def run(args, device, dtype, backends, graph_modes) -> list[Row]:
@@ -468,8 +523,13 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
     work = Workload(*make_inputs(args.config, unet, args.batch, dtype, device), steps=args.steps)
 
     print(f"# frkern latency: config={args.config} steps={args.steps} batch={args.batch} (UNet batch "
-          f"{2 * args.batch}) dtype={dtype} device={device} "
-          f"{device_name(device)}")
+          f"{2 * args.batch}) dtype={dtype} device={device} {device_name(device)}; torch threads={args.threads}"
+          + (" (--threads; 1 by default on CPU)" if device.type == "cpu" else ""))
+    warm_runs = 3 if device.type == "cuda" else 1
+    print(f"# timing: median of {args.repeats} interleaved repeats per figure, after {warm_runs} untimed warm-up run(s)"
+          + (" (CPU default 3, --repeats N for more)" if device.type == "cpu" else ""))
+    for spec, why in args.left_out:
+        print(f"# left out of the default rows: {spec.label}: {why}")
     parity_errors = {b: parity(unet, work.call_args, b, dtype) for b in backends}
     for b, e in parity_errors.items():
         ok = e <= PARITY_RTOL[dtype]
@@ -477,8 +537,7 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
 
     # Set up every row (untimed: calls, FLOPs, deviation, its check against eager, host syncs),
     # then time them all interleaved.
-    work.x_ref = work.generate(unet)
-    rows, timings = eager_row(unet, work, device)
+    rows, timings = eager_row(unet, work, device)  # sets work.x_ref
     if args.cuda_graph:
         add(rows, timings, attempt(lambda: cuda_graph_row(unet, work, device, dtype, args.graph_capture),
                                    "diffusers eager in one CUDA graph"))
@@ -489,19 +548,19 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
         add(rows, timings, attempt(lambda: compiled_row(unet, work, device, args.compile_backend,
                                                         mode="reduce-overhead"),
                                    "torch.compile + CUDA graph (mode reduce-overhead)"))
-    add(rows, timings, attempt(lambda: deepcache_package_rows(args.policies, unet, work, device), "DeepCache package"))
+    add(rows, timings, attempt(lambda: deepcache_package_rows(args.specs, unet, work, device), "DeepCache package"))
     handles = add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, device,
                               on_row=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
 
     measure = clock(device)
-    warm_up(timings, measure, runs=3 if device.type == "cuda" else 1)
+    warm_up(timings, measure, runs=warm_runs)
     # results so far on disk after every round: a GPU call cut off at its time limit keeps them
     time_interleaved(timings, measure, args.repeats, args.max_spread,
                      after_round=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
     for row, handle in handles:
         if "+graphs" in row.backend:
             graphs = "graphs: " + ", ".join(f"{k} {v}" for k, v in sorted(handle.graph_stats.items()))
-            row.note = "; ".join(filter(None, [row.note, graphs]))
+            row.note = "; ".join(filter(None, [graphs, row.note]))
         handle.unpatch()
     report(rows, args, device, dtype, parity_errors)
     return rows
@@ -533,7 +592,7 @@ def attempt(make: Callable[[], tuple], method: str) -> tuple:
 def eager_row(unet, work, device):
     """The reference: full compute, eager diffusers."""
     row = Row("diffusers eager", calls={"full": work.steps}, deviation=0.0)
-    row.gflop_per_gen = count_gflop(lambda: work.generate(unet))
+    row.gflop_per_gen, work.x_ref = count_gflop_and_result(lambda: work.generate(unet))
     row.syncs = count_syncs(lambda: work.generate(unet), device)
     return [row], [Timing(row, "ms_per_gen", lambda: work.generate(unet)),
                    Timing(row, "ms_full_call", lambda: work.call(unet))]
@@ -544,10 +603,11 @@ def score_mix_label(policy) -> str:
     return "-" if on is None else ("on" if on else "off")
 
 
-def frkern_variants(args, backends, graph_modes) -> list[tuple[str, str, bool, bool]]:
-    """(backend, policy spec, graphs, compiled) of every frkern row, in table order."""
+def frkern_variants(args, backends, graph_modes) -> list[tuple]:
+    """(backend, policy Spec, graphs, compiled) of every frkern row, in table order."""
     variants = [(g, False) for g in graph_modes] + ([(g, True) for g in graph_modes] if args.compile else [])
-    return [(b, spec, g, c) for b in backends for spec in ["NoReuse"] + list(args.policies) for g, c in variants]
+    specs = parse_specs(["NoReuse"]) + list(args.specs)
+    return [(b, spec, g, c) for b in backends for spec in specs for g, c in variants]
 
 
 def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, parity_errors, dtype, device, on_row):
@@ -556,7 +616,7 @@ def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, pari
     run of its (backend, policy) (no graphs, not compiled): the eager variant itself when it is a
     row, else an untimed eager run made for the check (its FLOPs are the row's)."""
     handles = []
-    eager = {}  # (backend, spec) -> (final latents, GFLOP) of its eager run
+    eager = {}  # (backend, spec text) -> (final latents, GFLOP) of its eager run
     failed = set()
     for backend, spec, graphs, compiled in progress(frkern_variants(args, backends, graph_modes), "frkern rows"):
         if parity_errors[backend] > PARITY_RTOL[dtype]:
@@ -566,7 +626,7 @@ def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, pari
                                 note=f"not timed: parity failed ({parity_errors[backend]:.1e})"))
             continue
         label = backend + ("+graphs" if graphs else "") + ("+compile" if compiled else "")
-        row = Row(f"frkern {spec}", label)
+        row = Row(f"frkern {spec.label}", label)
         try:
             made = frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dtype, device)
         except Exception as e:
@@ -583,13 +643,14 @@ def add_frkern_rows(rows, timings, unet, work, args, backends, graph_modes, pari
 def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dtype, device):
     """Set up one frkern row (untimed); returns (its timings, its handle), or None when it is not
     timed (its note says why)."""
-    policy = policy_from_spec(spec)
+    policy, key = spec.policy, (backend, spec.text)
     row.score_mix = score_mix_label(policy)
-    if (backend, spec) not in eager and (graphs or compiled):  # the eager run, for the check only
+    if isinstance(policy, frkern.SkipConv) and backend == "torch":
+        row.note = SKIPCONV_CPU_NOTE
+    if key not in eager and (graphs or compiled):  # the eager run, for the check only
         ref_model = shared_weights_copy(unet)
         ref_handle = frkern.patch(ref_model, policy, backend=backend)
-        eager[(backend, spec)] = (work.generate(ref_model, ref_handle),
-                                  gflop(lambda: work.generate(ref_model, ref_handle), row))
+        eager[key] = gflop_run(lambda: work.generate(ref_model, ref_handle), row, ref_handle, backend)[::-1]
         ref_handle.unpatch()
         del ref_model, ref_handle
     model = shared_weights_copy(unet)
@@ -599,16 +660,22 @@ def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dt
             handle.graphs.capture = args.graph_capture
         if compiled:
             handle.compile(backend=args.compile_backend)
-        x = work.generate(model, handle)
+        if key not in eager:  # one run gives the latents and the FLOPs (which graphs and compilation keep)
+            eager[key] = gflop_run(lambda: work.generate(model, handle), row, handle, backend)[::-1]
+            x = eager[key][0]
+        else:
+            x = work.generate(model, handle)
         row.calls = dict(handle.stats)
+        active = row.calls.get("active_fraction")
+        if active:  # SkipConv: every gated call counts as "reuse", whatever its active fraction
+            row.note = "; ".join(filter(None, [row.note, f"mean active input-tile fraction of its gated calls "
+                                               f"{sum(active.values()) / len(active):.2f}"]))
         row.deviation = rel(x, work.x_ref)
-        if (backend, spec) not in eager:  # FLOPs do not depend on graphs or compilation
-            eager[(backend, spec)] = (x, gflop(lambda: work.generate(model, handle), row))
-        x_eager, row.gflop_per_gen = eager[(backend, spec)]
+        x_eager, row.gflop_per_gen = eager[key]
         row.vs_eager = rel(x, x_eager)
         tol = COMPILED_RTOL if compiled else PARITY_RTOL[dtype]
         if not row.vs_eager <= tol or torch.isnan(x).any():
-            row.note = f"not timed: differs from eager {spec} by {row.vs_eager:.1e} (tol {tol:.0e})"
+            row.note = f"not timed: differs from eager {spec.label} by {row.vs_eager:.1e} (tol {tol:.0e})"
             handle.unpatch()
             return None
         row.syncs = count_syncs(lambda: work.generate(model, handle), device)
@@ -619,34 +686,41 @@ def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dt
     return timings + step_kind_timings(row, model, handle, policy, work), handle
 
 
-def gflop(fn, row) -> float:
-    """count_gflop(fn), or NaN with a note when the FLOP counter cannot run fn."""
+def gflop_run(fn, row, handle=None, backend="torch") -> tuple[float, object]:
+    """(GFLOPs, result) of one run of fn: FLOPs counted on the run itself, minus those SkipConv's
+    tile-predicated convolution would not compute (none for other policies; backend torch only:
+    the counter does not see Triton's custom ops at all). When the counter cannot run fn: NaN, a
+    note, and an uncounted run."""
     try:
-        return count_gflop(fn)
+        with skipped_conv_flops(handle if backend == "torch" else None) as skipped:
+            total, out = count_gflop_and_result(fn)
+        return total - skipped[0] / 1e9, out
     except Exception as e:
         row.note = "; ".join(filter(None, [row.note, "FLOPs not counted: " + failure(e)[len("failed: "):]]))
-        return float("nan")
+        return float("nan"), fn()
 
 
 def step_kind_timings(row, model, handle, policy, work) -> list[Timing]:
     """One full call and one reuse call of this policy. set_step before every call: a second call
     in the same step would be the step's next slot."""
+    n = work.steps  # the generation's step count: Keyframes and adaptors are made for one
+
     def full_setup():
-        handle.begin(1000)
+        handle.begin(n)
 
     def full_call():
         handle.set_step(0)
         work.call(model)
 
     timings = [Timing(row, "ms_full_call", full_call, full_setup)]
-    plans = policy.schedule(1000)
+    plans = policy.schedule(n)
     reuse_step = next((i for i, p in enumerate(plans) if not p.keyframe and p.runs_network), None)
     if reuse_step is None:
         return timings
     key = max(i for i in range(reuse_step) if plans[i].keyframe)
 
     def reuse_setup():  # the cache filled by this policy's last keyframe before reuse_step
-        handle.begin(1000)
+        handle.begin(n)
         handle.set_step(key)
         work.call(model)
 
@@ -691,7 +765,7 @@ def compiled_row(unet, work, device, backend, mode=None):
     return [row], [Timing(row, "ms_per_gen", lambda: work.generate(cu)), Timing(row, "ms_full_call", lambda: work.call(cu))]
 
 
-def deepcache_package_rows(policies, unet, work, device):
+def deepcache_package_rows(specs, unet, work, device):
     """The `deepcache` package's own helper, each interval on its own copy of the UNet, if installed.
     Used as in a diffusers pipeline: its scheduler's timesteps on the device, where the helper's
     per-call lookup (t.item(), then an index search among them) makes the host wait (counted)."""
@@ -700,8 +774,8 @@ def deepcache_package_rows(policies, unet, work, device):
     except ImportError:
         return [Row("DeepCache package", note="not installed")], []
     rows, timings = [], []
-    for spec in [p for p in policies if p.startswith("DeepCache")]:
-        pol = policy_from_spec(spec)
+    for spec in [s for s in specs if isinstance(s.policy, frkern.DeepCache)]:
+        pol = spec.policy
         model = shared_weights_copy(unet)
         pipe = SimpleNamespace(unet=model, scheduler=scheduler())  # the helper reads these two
         pipe.scheduler.set_timesteps(work.steps, device=work.latents.device)  # it looks up t in them
@@ -713,9 +787,9 @@ def deepcache_package_rows(policies, unet, work, device):
             helper.start_timestep = None
             return work.generate(model)
 
-        row = Row(f"DeepCache package {spec}", "deepcache 0.1.1")
-        row.deviation = rel(run(), work.x_ref)
-        row.gflop_per_gen = gflop(run, row)
+        row = Row(f"DeepCache package {spec.label}", "deepcache 0.1.1")
+        row.gflop_per_gen, x = gflop_run(run, row)
+        row.deviation = rel(x, work.x_ref)
         row.syncs = count_syncs(run, device)
         rows.append(row)
         timings.append(Timing(row, "ms_per_gen", run))
@@ -746,7 +820,9 @@ def table_notes(args) -> list[str]:
         "- host syncs/gen: times the host waited for the device in one untimed generation "
         "(torch.cuda.set_sync_debug_mode; CUDA only). The harness adds none; Adaptive's probe and the deepcache "
         "package's timestep lookup do.",
-    ]
+        f"- torch threads: {args.threads} (torch.set_num_threads, --threads) for every row.",
+    ] + ([f"- SkipConv rows, backend torch: {SKIPCONV_CPU_NOTE}."]
+         if any(isinstance(sp.policy, frkern.SkipConv) for sp in args.specs) else [])
 
 
 def fmt_cells(r: Row, base: Row) -> list[str]:
@@ -779,7 +855,9 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
     meta = {**provenance(device), "device_type": device.type, "config": args.config, "steps": args.steps,
             "batch": args.batch, "dtype": str(dtype), "channels_last": args.channels_last,
             "graphs": "emulated" if args.graph_capture is not None else ("cuda" if device.type == "cuda" else "none"),
-            "policies": args.policies,
+            "threads": args.threads,
+            "policies": [{"spec": sp.text, "row": f"frkern {sp.label}", "policy": sp.policy.to_dict()} for sp in args.specs],
+            "left_out": [{"spec": sp.text, "why": why} for sp, why in args.left_out],
             "parity_max_rel_err": parity_errors,
             "timing": {"repeats": args.repeats, "order": "interleaved: round-robin over all rows' timings",
                        "statistic": "median", "spread": "(max - min) / median", "max_spread": args.max_spread},
@@ -791,7 +869,8 @@ def report(rows, args, device, dtype, parity_errors, quiet=False):
     with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": [r.__dict__ for r in rows]}, f, indent=1, default=str)
     with open(stem + ".md", "w") as f:
-        f.write(f"# latency: {args.config}, {args.steps} steps, batch {args.batch}, {dtype}, {meta['device']}\n\n")
+        f.write(f"# latency: {args.config}, {args.steps} steps, batch {args.batch}, {dtype}, {meta['device']}, "
+                f"torch threads {args.threads}\n\n")
         f.write("```\n" + json.dumps(meta, indent=1, default=str) + "\n```\n\n" + table + "\n")
     if not quiet:
         print(f"wrote {stem}.json and {stem}.md")
