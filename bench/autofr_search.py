@@ -13,20 +13,16 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
-from frkern import autofr  # noqa: E402
-from latency import policy_from_spec  # noqa: E402
-from options import add_out  # noqa: E402
+from options import DEVICE_HELP, TINY_MODEL_DIR, add_out, default_device, help_before_imports  # noqa: E402
 from options import parser as new_parser  # noqa: E402
-from tiny_model import ASSET_DIR, ddim_scheduler, load  # noqa: E402
+from options import quiet_known_warnings  # noqa: E402
+from specs import GRAMMAR, SpecError, check_before_imports, parse_spec  # noqa: E402
 
 
 def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--model", default=ASSET_DIR, help="folder of the trained tiny model")
+    ap = new_parser(__doc__, epilog=GRAMMAR)
+    ap.add_argument("--model", default=TINY_MODEL_DIR, help="folder of the trained tiny model")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps of the schedule searched")
     ap.add_argument("--iters", type=int, default=100, help="optimisation iterations")
     ap.add_argument("--lr", type=float, default=5e-3, help="learning rate of the keyframe gates")
@@ -39,9 +35,9 @@ def parser():
     ap.add_argument("--fr-cost", type=float, default=0.33,
                     help="cost of a feature-reuse step relative to a full one, in the penalty (tiny model: 0.72 / 2.15 GFLOP)")
     ap.add_argument("--init", default="full",
-                    help="starting schedule: full (every step a keyframe), a policy spec as latency.py takes "
-                         "(FRDiff:interval=3,bias=1: score mixing's lambda rounded to jump / reuse, needs --jumps; "
-                         "Keyframes:...), or a policy JSON file")
+                    help="starting schedule: full (every step a keyframe) or a policy spec (grammar below; "
+                         "FRDiff:interval=3,bias=1: score mixing's lambda rounded to jump / reuse, needs --jumps; "
+                         "Keyframes:..., or a policy JSON file, @FILE or a path)")
     ap.add_argument("--init-logit", type=float, default=1.0,
                     help="with --init other than full: the starting gates' logits are +-this")
     ap.add_argument("--val-batch", type=int, default=8,
@@ -49,27 +45,40 @@ def parser():
     ap.add_argument("--no-validate", action="store_true",
                     help="pick the best iterate on its own training batch instead of a fixed held-out batch")
     ap.add_argument("--tag", default=None, help="name of the result files (default: tiny_<steps>steps_w<penalty>)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
     add_out(ap, "the policy and the search log")
     return ap
 
 
-def init_policy(spec: str):
+def init_policy(spec: str, steps: int | None = None):
     """--init's policy, or None for all keyframes."""
     if spec == "full":
         return None
-    if os.path.isfile(spec):
-        return frkern.load_policy(spec)
+    if os.path.isfile(spec) and not spec.startswith("@"):  # a policy JSON file by any name
+        spec = "@" + spec
     try:
-        return policy_from_spec(spec)
-    except ValueError as e:
+        return parse_spec(spec, steps).policy
+    except SpecError as e:
         raise SystemExit(f"--init {spec!r}: {e} (expected full, a spec such as FRDiff:interval=3,bias=1, "
                          f"or a policy JSON file)")
 
 
+if __name__ == "__main__":
+    help_before_imports(parser)
+    check_before_imports(parser, lambda ap, args: init_policy(args.init, args.steps))
+
+import torch  # noqa: E402
+
+import frkern  # noqa: E402
+from frkern import autofr  # noqa: E402
+from tiny_model import ddim_scheduler, load  # noqa: E402
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
-    start = init_policy(args.init)
+    quiet_known_warnings()
+    start = init_policy(args.init, args.steps)
+    args.device = default_device(args.device)
 
     unet, tokens = load(args.model, device=args.device)
 

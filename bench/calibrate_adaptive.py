@@ -13,14 +13,36 @@ import os
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from options import DEVICE_HELP, TINY_MODEL_DIR, add_out, default_device, help_before_imports  # noqa: E402
+from options import parser as new_parser  # noqa: E402
+from options import quiet_known_warnings  # noqa: E402
+
+
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--model", default=TINY_MODEL_DIR, help="folder of the trained tiny model")
+    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp"], help="DDIM or DPM-Solver++ (multistep)")
+    ap.add_argument("--steps", type=int, default=50, help="sampler steps")
+    ap.add_argument("--reuse", default="clockwork", choices=["deepcache", "clockwork", "units"], help="Adaptive's reuse kind")
+    ap.add_argument("--degree", type=int, default=2, help="degree of the fitted polynomial")
+    ap.add_argument("--images", type=int, default=8, help="calibration images (labels cycle through the classes)")
+    ap.add_argument("--threshold", type=float, default=0.1, help="threshold stored in the policy")
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    ap.add_argument("--seed", type=int, default=99, help="seed of the calibration noise")
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_out(ap, "the calibrated policy")
+    return ap
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+
+import torch  # noqa: E402
+
 import frkern  # noqa: E402
 from frkern.calibration import calibrate  # noqa: E402
-from options import add_out  # noqa: E402
-from options import parser as new_parser  # noqa: E402
-from tiny_model import ASSET_DIR, load, sample  # noqa: E402
+from tiny_model import load, sample  # noqa: E402
 
 
 def scheduler(name: str):
@@ -34,25 +56,11 @@ def scheduler(name: str):
     return sch
 
 
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--model", default=ASSET_DIR, help="folder of the trained tiny model")
-    ap.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp"], help="DDIM or DPM-Solver++ (multistep)")
-    ap.add_argument("--steps", type=int, default=50, help="sampler steps")
-    ap.add_argument("--reuse", default="clockwork", choices=["deepcache", "clockwork", "units"], help="Adaptive's reuse kind")
-    ap.add_argument("--degree", type=int, default=2, help="degree of the fitted polynomial")
-    ap.add_argument("--images", type=int, default=8, help="calibration images (labels cycle through the classes)")
-    ap.add_argument("--threshold", type=float, default=0.1, help="threshold stored in the policy")
-    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    ap.add_argument("--seed", type=int, default=99, help="seed of the calibration noise")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add_out(ap, "the calibrated policy")
-    return ap
-
-
 @torch.no_grad()
 def main(argv=None):
     args = parser().parse_args(argv)
+    quiet_known_warnings()
+    args.device = default_device(args.device)
     unet, tokens = load(args.model, device=args.device)
     labels = torch.arange(args.images) % tokens.num_classes
     noise = torch.randn(args.images, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))

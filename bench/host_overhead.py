@@ -17,14 +17,34 @@ import statistics
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
-from latency import policy_from_spec  # noqa: E402
-from options import add_out  # noqa: E402
+from options import add_out, help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+from specs import GRAMMAR, check_before_imports, spec_or_exit  # noqa: E402
+
+
+def parser():
+    ap = new_parser(__doc__, epilog=GRAMMAR)
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
+    ap.add_argument("--policy", default="FRDiff:interval=3", help="frkern policy spec (grammar below)")
+    ap.add_argument("--calls", type=int, default=200,
+                    help="UNet calls, one per step of a schedule this long (the first 10 are not counted)")
+    add_out(ap, "the JSON record")
+    return ap
+
+
+def check_spec(ap, args):
+    return spec_or_exit(ap, args.policy, args.calls, option="--policy")  # its schedule has --calls steps
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+    check_before_imports(parser, check_spec)
+
+import torch  # noqa: E402
+
+import frkern  # noqa: E402
 from record import save_json  # noqa: E402
 
 
@@ -33,19 +53,12 @@ def no_device_capture(fn, warmup=0):
     return (lambda: None), fn()
 
 
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
-    ap.add_argument("--policy", default="FRDiff:interval=3", help="frkern policy spec, as in bench/latency.py")
-    ap.add_argument("--calls", type=int, default=200,
-                    help="UNet calls, one per step of a schedule this long (the first 10 are not counted)")
-    add_out(ap, "the JSON record")
-    return ap
-
-
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
-    args = parser().parse_args(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    quiet_known_warnings()
+    policy = check_spec(ap, args).policy
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
@@ -59,7 +72,6 @@ def main(argv=None):
             kw["added_cond_kwargs"] = {"text_embeds": torch.empty(2, pooled, dtype=torch.half),
                                        "time_ids": torch.empty(2, 6, dtype=torch.half)}
         t = torch.empty((), dtype=torch.long)
-    policy = policy_from_spec(args.policy)
     handle = frkern.patch(unet, policy, backend="torch", cuda_graphs=True)
     handle.graphs.capture = no_device_capture
     n = args.calls  # the whole schedule: keyframes, jumps and reuse steps in their real proportions
@@ -82,7 +94,7 @@ def main(argv=None):
     print(f"{args.config} {args.policy}: median host microseconds per call (no device work): {result}; "
           f"of which the weights check: {token_us:.1f} us ({len(handle.runtime._params)} parameters); "
           f"graphs {handle.graph_stats}")
-    path = save_json(args.out, f"host_overhead_{args.config}_{args.policy.split(':')[0]}", {
+    path = save_json(args.out, f"host_overhead_{args.config}_{policy.name}", {
         "median_host_us_per_call": result, "weights_check_us": round(token_us, 1),
         "graph_stats": handle.graph_stats})
     print(f"wrote {path}")

@@ -25,14 +25,32 @@ import os
 import sys
 import time
 
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from options import add_out, help_before_imports  # noqa: E402
+from options import parser as new_parser  # noqa: E402
+
+CASES = ("group_norm", "score_mix", "geglu", "skip_conv")
+
+
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                    help="dtype of every tensor")
+    add_out(ap, "the CSV")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, one untimed-quality run each")
+    ap.add_argument("--shapes", default="all", choices=["all", "sd15", "sdxl"], help="whose layer shapes to time")
+    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="which kernels to run")
+    return ap
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 # frkern is imported as installed (pip install -e . or the GPU round's install), never from the
 # repository root: on sys.path that root would also expose kernels/ as a top-level `kernels` module.
-from options import add_out  # noqa: E402
-from options import parser as new_parser  # noqa: E402
 from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
 from frkern.kernels.group_norm import group_norm_act_reference, group_norm_act_triton  # noqa: E402
 from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # noqa: E402
@@ -55,18 +73,6 @@ SMOKE_SKIP = [("smoke 9x7x20", 1, 20, 9, 7, 4)]
 SKIP_FRACTIONS = (1.0, 0.5, 0.25, 0.1)
 SKIP_THRESHOLD = 0.1
 TOL = {torch.float16: 1e-2, torch.bfloat16: 8e-2, torch.float32: 1e-4}
-CASES = ("group_norm", "score_mix", "geglu", "skip_conv")
-
-
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
-                    help="dtype of every tensor")
-    add_out(ap, "the CSV")
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, one untimed-quality run each")
-    ap.add_argument("--shapes", default="all", choices=["all", "sd15", "sdxl"], help="whose layer shapes to time")
-    ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES), help="which kernels to run")
-    return ap
 
 
 def of_model(shapes: list, which: str) -> list:

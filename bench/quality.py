@@ -21,16 +21,38 @@ import platform
 import sys
 import time
 
-import numpy as np
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
-from flops import count_gflop  # noqa: E402
-from options import COMMITTED_RESULTS, add_out  # noqa: E402
+from options import COMMITTED_RESULTS, DEVICE_HELP, TINY_MODEL_DIR, add_out, default_device  # noqa: E402
+from options import help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+
+
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--model", default=TINY_MODEL_DIR, help="folder of the trained tiny model")
+    ap.add_argument("--per-class", type=int, default=2, help="images sampled per class (8 classes)")
+    ap.add_argument("--steps", type=int, default=50, help="steps of the reference sampler")
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
+    ap.add_argument("--autofr", nargs="*", default=[COMMITTED_RESULTS],
+                    help="folders whose autofr_*.policy.json (bench/autofr_search.py) are evaluated as Auto-FR rows")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="run only the methods whose family or label contains one of these strings and merge them "
+                         "into the existing quality_tiny.json in --out (the other rows are kept as they were)")
+    add_out(ap, "quality_tiny.json, .md and .png")
+    return ap
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import frkern  # noqa: E402
 from calibrate_adaptive import scheduler  # noqa: E402
-from tiny_model import ASSET_DIR, load, load_photos, sample  # noqa: E402
+from flops import count_gflop, skipped_conv_flops  # noqa: E402
+from tiny_model import load, load_photos, sample  # noqa: E402
 from train_tiny import random_crops  # noqa: E402
 
 
@@ -111,29 +133,12 @@ SKIPCONV_THRESHOLDS = (0.01, 0.02, 0.05, 0.1)
 
 
 def skipped_conv_gflop(handle, fn) -> float:
-    """GFLOPs of the gated convolutions' output tiles that SkipConv does not need to recompute.
-    frkern's torch reference still runs them densely, so FLOP counts subtract them: the figure is
-    the cost of a tile-predicated convolution that computes affected tiles only."""
-    from frkern.kernels.skip_conv import affected_pixel_fraction
-
-    skipped = [0.0]
-    gates = handle.installation.gates if handle is not None else []
-    # A gate is not a module: account after each call of the ResNet wrapper that calls it.
-    parents = {id(p): p for p in (handle.unet.get_submodule(g.unit.rpartition(".")[0]) for g in gates)}
-
-    def hook(parent, args, out):
-        for gate in parent.gates.values():
-            if gate.last_affected is not None:
-                n, cin, cout, taps, h, w = gate.last_shape
-                dense = 2 * n * cout * cin * taps * h * w
-                skipped[0] += dense * (1 - float(affected_pixel_fraction(gate.last_affected, gate.tile, h, w)))
-
-    hooks = [p.register_forward_hook(hook) for p in parents.values()]
-    try:
+    """GFLOPs of the gated convolutions' output tiles that SkipConv does not need to recompute while
+    fn runs (flops.skipped_conv_flops). frkern's torch reference still runs them densely, so FLOP
+    counts subtract them: the figure is the cost of a tile-predicated convolution that computes
+    affected tiles only."""
+    with skipped_conv_flops(handle) as skipped:
         fn()
-    finally:
-        for h in hooks:
-            h.remove()
     return skipped[0] / 1e9
 
 
@@ -161,25 +166,11 @@ def to01(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--model", default=ASSET_DIR, help="folder of the trained tiny model")
-    ap.add_argument("--per-class", type=int, default=2, help="images sampled per class (8 classes)")
-    ap.add_argument("--steps", type=int, default=50, help="steps of the reference sampler")
-    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    ap.add_argument("--autofr", nargs="*", default=[COMMITTED_RESULTS],
-                    help="folders whose autofr_*.policy.json (bench/autofr_search.py) are evaluated as Auto-FR rows")
-    ap.add_argument("--only", nargs="*", default=None,
-                    help="run only the methods whose family or label contains one of these strings and merge them "
-                         "into the existing quality_tiny.json in --out (the other rows are kept as they were)")
-    add_out(ap, "quality_tiny.json, .md and .png")
-    return ap
-
-
 @torch.no_grad()  # not torch.set_grad_enabled(False): callers (tests) keep their grad mode
 def main(argv=None):
     args = parser().parse_args(argv)
+    quiet_known_warnings()
+    args.device = default_device(args.device)
 
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 

@@ -5,8 +5,8 @@
 An analytical estimate, not a measurement. The patched UNet (backend "torch", i.e. unfused ops)
 runs on PyTorch's meta device; each aten op is recorded with its FLOPs (torch.utils.flop_counter's
 formulas) and the bytes it must read and write (its tensor inputs and outputs; views are free).
-Per op the time floor is max(FLOPs / peak FLOP rate, bytes / bandwidth), with the H100 rates
-measured in REFERENCE §7 (757 TFLOP/s fp16 matmul, 3.0 TB/s copy) unless given. Summed by kind of
+Per op the time floor is max(FLOPs / peak FLOP rate, bytes / bandwidth), with rates measured on
+an H100 in an earlier GPU round (757 TFLOP/s fp16 matmul, 3.0 TB/s copy) unless given. Summed by kind of
 op (convolution, attention and matmul, normalisation, elementwise, copies), it shows which fusions
 could matter (bytes of norm + elementwise) and what a step cannot beat (the floor), next to the
 number of ops (eager kernel launches). Attention is counted as the op the meta device dispatches
@@ -20,18 +20,41 @@ import contextlib
 import os
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
 from configs import CONFIGS, TEXT  # noqa: E402
-from latency import policy_from_spec  # noqa: E402
-from options import add_out  # noqa: E402
+from options import add_out, help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+from specs import GRAMMAR, check_before_imports, spec_or_exit  # noqa: E402
+
+
+def parser():
+    ap = new_parser(__doc__, epilog=GRAMMAR)
+    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
+    ap.add_argument("--policy", default="FRDiff:interval=3",
+                    help="frkern policy spec whose reuse call is analysed (grammar below; a 50-step schedule)")
+    ap.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x: CFG)")
+    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
+    ap.add_argument("--tflops", type=float, default=757.0, help="peak matmul rate, TFLOP/s")
+    ap.add_argument("--tbps", type=float, default=3.0, help="memory bandwidth, TB/s")
+    add_out(ap, "the JSON and markdown results")
+    return ap
+
+
+def check_spec(ap, args):
+    return spec_or_exit(ap, args.policy, 50, option="--policy")  # anatomy() looks at a 50-step schedule
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+    check_before_imports(parser, check_spec)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_flatten  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+import frkern  # noqa: E402
 from record import save_json  # noqa: E402
 
 # ops that move no data (allocation, aliasing)
@@ -157,22 +180,12 @@ def anatomy(config: str, policy, batch: int = 1, dtype=torch.float16, channels_l
     return result
 
 
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--config", default="sd15", choices=sorted(CONFIGS), help="UNet layout (bench/configs.py)")
-    ap.add_argument("--policy", default="FRDiff:interval=3",
-                    help="frkern policy spec whose reuse call is analysed, as in bench/latency.py")
-    ap.add_argument("--batch", type=int, default=1, help="images per call (the UNet sees 2x: CFG)")
-    ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
-    ap.add_argument("--tflops", type=float, default=757.0, help="peak matmul rate, TFLOP/s")
-    ap.add_argument("--tbps", type=float, default=3.0, help="memory bandwidth, TB/s")
-    add_out(ap, "the JSON and markdown results")
-    return ap
-
-
 def main(argv=None):
-    args = parser().parse_args(argv)
-    res = anatomy(args.config, policy_from_spec(args.policy), args.batch, channels_last=args.channels_last,
+    ap = parser()
+    args = ap.parse_args(argv)
+    quiet_known_warnings()
+    policy = check_spec(ap, args).policy
+    res = anatomy(args.config, policy, args.batch, channels_last=args.channels_last,
                   tflops=args.tflops, tbps=args.tbps)
     lines = [f"# step anatomy (estimate from op shapes, not a measurement): {args.config}, {args.policy}, "
              f"fp16, UNet batch {2 * args.batch}, floors at {args.tflops} TFLOP/s and {args.tbps} TB/s", ""]
@@ -185,7 +198,7 @@ def main(argv=None):
             f"{o['op']} x{o['count']} {o['floor_us']:.0f} us" for o in rows["top_ops"]), ""]
     text = "\n".join(lines)
     print(text)
-    name = f"anatomy_{args.config}_{args.policy.split(':')[0]}"
+    name = f"anatomy_{args.config}_{policy.name}"
     save_json(args.out, name, {"kind": "analytical estimate from op shapes (meta device), not a measurement",
                                "tflops": args.tflops, "tbps": args.tbps, "result": res})
     stem = os.path.join(args.out, name)

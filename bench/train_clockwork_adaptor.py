@@ -42,15 +42,9 @@ import platform
 import sys
 import time
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import frkern  # noqa: E402
-from frkern.adaptor import (AdaptorConfig, ClockworkAdaptor, adaptor_flops, load_adaptor,  # noqa: E402
-                            model_fingerprint, save_adaptor)
-from options import LOCAL_RESULTS, add_out  # noqa: E402
+from options import LOCAL_RESULTS, TINY_MODEL_DIR, add_out, help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
-from tiny_model import ASSET_DIR, ddim_scheduler, load  # noqa: E402
 
 TRAIN_NOISE_SEED, VAL_NOISE_SEED = 10000, 20000  # bench/quality.py uses 1234
 SAMPLERS = {"ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
@@ -88,11 +82,24 @@ def parser():
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoint in --cache-dir")
     ap.add_argument("--name", default=None,
                     help="file stem (default: clockwork_tiny_<sampler><steps>_c<clock>)")
-    ap.add_argument("--model", default=ASSET_DIR, help="folder of the trained tiny model")
+    ap.add_argument("--model", default=TINY_MODEL_DIR, help="folder of the trained tiny model")
     ap.add_argument("--cache-dir", default=os.path.join(LOCAL_RESULTS, "clockwork_adaptor"),
                     help="recorded trajectories and checkpoints")
     add_out(ap, "the adaptor (.safetensors, .json) and its .log.json", committed="bench/results/adaptors")
     return ap
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+
+import torch  # noqa: E402
+
+import frkern  # noqa: E402
+from frkern.adaptor import (AdaptorConfig, ClockworkAdaptor, adaptor_flops, load_adaptor,  # noqa: E402
+                            model_fingerprint, save_adaptor)
+from tiny_model import ddim_scheduler, load  # noqa: E402
+
+
 
 
 def progress(items, desc: str):
@@ -259,6 +266,7 @@ def psnr(x, ref):
 
 def main(argv=None):
     args = parser().parse_args(argv)
+    quiet_known_warnings()
     torch.set_num_threads(args.threads)
     steps = args.steps or DEFAULT_STEPS[args.sampler]
     name = args.name or f"clockwork_tiny_{args.sampler}{steps}_c{args.clock}"

@@ -14,13 +14,34 @@ import platform
 import sys
 import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from options import LOCAL_RESULTS, add_out  # noqa: E402
+from options import DEVICE_HELP, LOCAL_RESULTS, add_out, default_device, help_before_imports  # noqa: E402
 from options import parser as new_parser  # noqa: E402
+from options import quiet_known_warnings  # noqa: E402
+
+
+def parser():
+    ap = new_parser(__doc__)
+    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps")
+    ap.add_argument("--batch", type=int, default=16, help="random 32x32 crops per step")
+    ap.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (one-cycle schedule)")
+    ap.add_argument("--cfg-dropout", type=float, default=0.1,
+                    help="probability of training on the null class (classifier-free guidance)")
+    ap.add_argument("--ema", type=float, default=0.999, help="decay of the EMA weights that are saved")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and noise")
+    ap.add_argument("--device", default=None, help=DEVICE_HELP)
+    add_out(ap, "the trained model", default=os.path.join(LOCAL_RESULTS, "tiny_model"),
+            committed="bench/assets/tiny_model")
+    return ap
+
+
+if __name__ == "__main__":
+    help_before_imports(parser)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
 from tiny_model import PHOTOS, UNET_CONFIG, ClassTokens, load_photos, sample, save_grid, to_uint8  # noqa: E402
 
 
@@ -38,23 +59,10 @@ def random_crops(photos, batch, rng, size=32):
     return torch.from_numpy(out), torch.from_numpy(labels)
 
 
-def parser():
-    ap = new_parser(__doc__)
-    ap.add_argument("--steps", type=int, default=3000, help="optimiser steps")
-    ap.add_argument("--batch", type=int, default=16, help="random 32x32 crops per step")
-    ap.add_argument("--lr", type=float, default=4e-4, help="peak AdamW learning rate (one-cycle schedule)")
-    ap.add_argument("--cfg-dropout", type=float, default=0.1,
-                    help="probability of training on the null class (classifier-free guidance)")
-    ap.add_argument("--ema", type=float, default=0.999, help="decay of the EMA weights that are saved")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the weights, crops and noise")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    add_out(ap, "the trained model", default=os.path.join(LOCAL_RESULTS, "tiny_model"),
-            committed="bench/assets/tiny_model")
-    return ap
-
-
 def main(argv=None):
     args = parser().parse_args(argv)
+    quiet_known_warnings()
+    args.device = default_device(args.device)
 
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from safetensors.torch import save_file
