@@ -68,8 +68,9 @@ def adaptor_fit(model, parts, policy, adaptor) -> tuple[str, str]:
     if not getattr(up, "has_cross_attention", False):
         raise ValueError(f"Clockwork adaptor: {up_level.up_block} ({type(up).__name__}) gets no text "
                          "(a cross-attention up block is needed there)")
-    r_in_channels = down.resnets[-1].out_channels
-    r_out_channels = up.resnets[-1].out_channels
+    # a video ResNet (SVD's SpatioTemporalResBlock) holds the 2-D one that sets its width
+    r_in_channels = getattr(down.resnets[-1], "spatial_res_block", down.resnets[-1]).out_channels
+    r_out_channels = getattr(up.resnets[-1], "spatial_res_block", up.resnets[-1]).out_channels
     # r_in sits at the outer level's resolution; r_out at the up block's output, which is upsampled
     # to the same resolution when the block has an upsampler
     stride = 1 if getattr(up, "upsamplers", None) else 2

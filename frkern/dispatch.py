@@ -334,7 +334,10 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
         )
     family.check_supported(model)
     target_parts = Target(model, family, family.parts(model), backend)
-    plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
+    try:
+        plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
+    except ValueError as e:  # name what was refused where
+        raise ValueError(f"{e} [model family {family.name}, policy {policy.name}]") from None
 
     handle = Handle(model, family, policy, backend, cuda_graphs, plan)
     handle.installation = install(target_parts, plan, handle.runtime)

@@ -26,9 +26,11 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+# One layer per block: the interpreter runs each kernel program in Python, and every fused op and
+# layout (conv and linear projections, several transformer layers, text-time conditioning) is there.
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
 def test_noreuse_triton_matches_unpatched(kind):
-    unet = sd_unet() if kind == "sd" else sdxl_unet()
+    unet = sd_unet(layers_per_block=1) if kind == "sd" else sdxl_unet(layers_per_block=1)
     sample, ehs, kw = sd_inputs(unet, size=8)
     unet, sample, ehs = on_device(unet, sample, ehs)
     kw = {k: {n: t.to(DEVICE) for n, t in v.items()} for k, v in kw.items()}
@@ -46,17 +48,19 @@ def test_noreuse_triton_matches_unpatched(kind):
 def test_frdiff_triton_matches_torch_backend(dtype):
     outs = {}
     for backend in ("torch", "triton"):
-        unet = sd_unet().to(dtype)
+        unet = sd_unet(layers_per_block=1, block_out_channels=(24, 40), norm_num_groups=4,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(dtype)
         sample, ehs, _ = sd_inputs(unet, size=8, dtype=dtype)
         unet, sample, ehs = on_device(unet, sample, ehs)
         handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=True, bias=0.0), backend=backend)
-        handle.begin(4)
+        handle.begin(3)
         res = []
         with torch.no_grad():
-            for i in range(4):  # full, blend (lambda 0.5 + ...), full, blend
+            for i in range(3):  # full, blend (lambda 0.5 + ...), full
                 handle.set_step(i)
                 res.append(unet(sample * (1 - 0.1 * i), 900 - 200 * i, ehs).sample)
-        assert handle.stats == {"full": 2, "reuse": 2}
+        assert handle.stats == {"full": 2, "reuse": 1}
         outs[backend] = res
     for a, b in zip(outs["triton"], outs["torch"]):
         assert rel(a, b) <= RTOL[dtype]

@@ -304,14 +304,7 @@ def test_every_other_policy_runs_and_unpatches(family):
         assert all(m is modules[n] for n, m in unet.named_modules()), name
 
 
-SVD_ADAPTOR = pytest.mark.xfail(
-    raises=AttributeError, strict=True,
-    reason="frkern.clockwork.adaptor_fit reads resnets[-1].out_channels, which SVD's SpatioTemporalResBlock "
-           "lacks (its spatial_res_block has it): remove this mark once adaptor_fit reads the channels "
-           "another way")
-
-
-@pytest.mark.parametrize("family", ["unet3d", pytest.param("svd", marks=SVD_ADAPTOR)])
+@pytest.mark.parametrize("family", ["unet3d", "svd"])
 def test_clockwork_adaptor_runs_frame_by_frame(family, tmp_path):
     """A learned Clockwork adaptor on a video UNet runs on each frame (the batch the up blocks see):
     it changes the clocked steps, and a zero adaptor is the identity adaptor bit for bit."""
@@ -343,11 +336,12 @@ def test_a_refused_patch_changes_nothing(family, tmp_path):
              (frkern.Clockwork(clock=2, levels=3), "Clockwork: levels must lie in 1..2"),
              # levels 2 would take r_out from up_blocks.0, a block without cross-attention
              (frkern.Clockwork(clock=2, levels=2, adaptor=adaptor), "Clockwork adaptor: up_blocks.0 .* gets no text")]
-    if family != "svd":  # on SVD adaptor_fit cannot read the channels yet (test_clockwork_adaptor_runs_frame_by_frame)
-        cases.append((frkern.Clockwork(clock=2, adaptor=wrong), "adaptor was trained on UNet model"))
+    cases.append((frkern.Clockwork(clock=2, adaptor=wrong), "adaptor was trained on UNet model"))
+    family_name = {"unet3d": "UNet3DConditionModel", "svd": "UNetSpatioTemporalConditionModel"}[family]
     for policy, match in cases:
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(ValueError, match=match) as refused:
             frkern.patch(unet, policy, backend="torch")
+        assert f"model family {family_name}, policy {policy.name}" in str(refused.value)
         assert dict(unet.named_modules()).keys() == modules.keys(), policy
         assert all(m is modules[n] for n, m in unet.named_modules()), policy
         assert frkern.handle_of(unet) is None and "forward" not in unet.__dict__, policy
