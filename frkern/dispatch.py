@@ -53,6 +53,10 @@ class Handle:
         self.executor = Executor(model.forward, self.runtime, cuda_graphs)
         self._warned_untracked = False
         self.active = False
+        # Where the callers of one generation are split over processes (frkern.distributed's CFG
+        # parallel): maps the adaptive indicator (a 0-dim device tensor) to the value every rank
+        # decides on (an all-reduce max over the group), so that all ranks take the same decision.
+        self.indicator_reduction = None
 
     @property
     def graphs(self):
@@ -70,7 +74,7 @@ class Handle:
             cuda_graphs=self.cuda_graphs, installation=copy.deepcopy(self.installation, memo),
             runtime=copy.deepcopy(self.runtime, memo), _pipelines=[], _trackers={},
             _own_forward=copy.deepcopy(self._own_forward, memo), executor=copy.deepcopy(self.executor, memo),
-            _warned_untracked=False, active=self.active)
+            _warned_untracked=False, active=self.active, indicator_reduction=None)
         for ref in self._pipelines:
             pipe = ref()
             if pipe is not None and id(pipe) in memo:  # the pipeline is being copied with it
@@ -257,7 +261,10 @@ class Handle:
         call), decide; returns the call's final plan."""
         rt = self.runtime
         decider = self.installation.plan.decider
-        value = float(self.executor.probe(self.family, call_sig, call))
+        v = self.executor.probe(self.family, call_sig, call)
+        if self.indicator_reduction is not None:
+            v = self.indicator_reduction(v)
+        value = float(v)
         rt.measure("indicator", value)
         reuse = decider.reuses(value)
         plan = rt.resolve(plan, reuse)
