@@ -127,6 +127,8 @@ def frdiff_statement(ref, kinds, policy, seq):
         for i, kw in enumerate(seq):
             hooks.keyframe = i in keys
             mix = lam(i, len(seq), policy.bias) if policy.score_mix and i not in keys else 1.0
+            if i in getattr(policy, "jumps", ()):  # a reduced-NFE jump: the keyframe's output
+                mix = 0.0
             if mix == 0.0:
                 outs.append(key_out.clone())
                 continue
@@ -176,6 +178,7 @@ POLICIES = {
     "NoReuse": frkern.NoReuse(),
     "FRDiff": frkern.FRDiff(interval=2, score_mix=False),
     "FRDiff-mix": frkern.FRDiff(interval=3, score_mix=True, bias=0.3),
+    "Keyframes-jumps": frkern.Keyframes(keyframes=(0, 2), num_steps=STEPS, jumps=(3,)),
     "DeepCache-0": frkern.DeepCache(interval=2, branch=0),
     "DeepCache-4": frkern.DeepCache(interval=3, branch=4),
     "Clockwork": frkern.Clockwork(clock=2, levels=1),
@@ -190,7 +193,7 @@ POLICIES = {
 def statement_outputs(name, policy, ref, kinds, seq):
     if name == "NoReuse":
         return run_plain(ref, seq), 0, None
-    if name.startswith("FRDiff"):
+    if name.startswith("FRDiff") or name.startswith("Keyframes"):
         return frdiff_statement(ref, kinds, policy, seq), TOL, None
     if name.startswith("DeepCache"):
         return segment_statement(DeepCacheVideoHooks(ref, policy.branch), policy, ref, seq), 0, None
