@@ -222,6 +222,7 @@ class Timing:
     run: Callable[[], object]
     setup: Callable[[], object] = lambda: None
     number: int = 1  # back-to-back runs per sample (set by warm_up)
+    setup_ms: float = 0.0  # an untimed run of `run` made in the row's set-up (FLOPs counted), if any
     samples: list = field(default_factory=list)  # ms per run, one per repeat
     failed: bool = False  # raised once: not run again, the row's note says why
 
@@ -365,10 +366,18 @@ def clock(device) -> Callable[[Callable, int], float]:
     return wall_ms
 
 
-def warm_up(timings: list[Timing], measure, runs: int) -> None:
+# A timing whose row's set-up already ran it untimed for at least this long needs no warm-up run on
+# a CPU (nothing is left to initialise, and one run per sample is enough).
+SETUP_WARMS_MS = 10 * MIN_SAMPLE_MS
+
+
+def warm_up(timings: list[Timing], measure, runs: int, setup_warms: bool = False) -> None:
     """Run each timing `runs` times untimed (lazy init, graph capture, compilation) and size its
-    samples from the last run."""
+    samples from the last run. setup_warms (CPU): a generation the row's set-up already ran (its
+    FLOP-counted run, SETUP_WARMS_MS or longer) is warm: no warm-up run, one run per sample."""
     for t in progress(timings, "warm-up"):
+        if setup_warms and t.setup_ms >= SETUP_WARMS_MS:
+            continue
         try:
             for _ in range(runs):
                 t.setup()
@@ -526,8 +535,9 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
           f"{2 * args.batch}) dtype={dtype} device={device} {device_name(device)}; torch threads={args.threads}"
           + (" (--threads; 1 by default on CPU)" if device.type == "cpu" else ""))
     warm_runs = 3 if device.type == "cuda" else 1
-    print(f"# timing: median of {args.repeats} interleaved repeats per figure, after {warm_runs} untimed warm-up run(s)"
-          + (" (CPU default 3, --repeats N for more)" if device.type == "cpu" else ""))
+    print(f"# timing: median of {args.repeats} interleaved repeats per figure, after {warm_runs} untimed warm-up "
+          f"run(s)" + (" (a generation: its row's set-up run; CPU default 3 repeats, --repeats N for more)"
+                       if device.type == "cpu" else ""))
     for spec, why in args.left_out:
         print(f"# left out of the default rows: {spec.label}: {why}")
     parity_errors = {b: parity(unet, work.call_args, b, dtype) for b in backends}
@@ -553,7 +563,7 @@ def run(args, device, dtype, backends, graph_modes) -> list[Row]:
                               on_row=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
 
     measure = clock(device)
-    warm_up(timings, measure, runs=warm_runs)
+    warm_up(timings, measure, runs=warm_runs, setup_warms=device.type == "cpu")
     # results so far on disk after every round: a GPU call cut off at its time limit keeps them
     time_interleaved(timings, measure, args.repeats, args.max_spread,
                      after_round=lambda: report(rows, args, device, dtype, parity_errors, quiet=True))
@@ -592,9 +602,11 @@ def attempt(make: Callable[[], tuple], method: str) -> tuple:
 def eager_row(unet, work, device):
     """The reference: full compute, eager diffusers."""
     row = Row("diffusers eager", calls={"full": work.steps}, deviation=0.0)
+    t0 = time.perf_counter()
     row.gflop_per_gen, work.x_ref = count_gflop_and_result(lambda: work.generate(unet))
+    setup_ms = (time.perf_counter() - t0) * 1e3
     row.syncs = count_syncs(lambda: work.generate(unet), device)
-    return [row], [Timing(row, "ms_per_gen", lambda: work.generate(unet)),
+    return [row], [Timing(row, "ms_per_gen", lambda: work.generate(unet), setup_ms=setup_ms),
                    Timing(row, "ms_full_call", lambda: work.call(unet))]
 
 
@@ -660,8 +672,11 @@ def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dt
             handle.graphs.capture = args.graph_capture
         if compiled:
             handle.compile(backend=args.compile_backend)
+        setup_ms = 0.0
         if key not in eager:  # one run gives the latents and the FLOPs (which graphs and compilation keep)
+            t0 = time.perf_counter()
             eager[key] = gflop_run(lambda: work.generate(model, handle), row, handle, backend)[::-1]
+            setup_ms = (time.perf_counter() - t0) * 1e3
             x = eager[key][0]
         else:
             x = work.generate(model, handle)
@@ -682,7 +697,7 @@ def frkern_row(row, unet, work, args, backend, spec, graphs, compiled, eager, dt
     except BaseException:
         handle.unpatch()
         raise
-    timings = [Timing(row, "ms_per_gen", lambda: work.generate(model, handle))]
+    timings = [Timing(row, "ms_per_gen", lambda: work.generate(model, handle), setup_ms=setup_ms)]
     return timings + step_kind_timings(row, model, handle, policy, work), handle
 
 
@@ -788,18 +803,21 @@ def deepcache_package_rows(specs, unet, work, device):
             return work.generate(model)
 
         row = Row(f"DeepCache package {spec.label}", "deepcache 0.1.1")
+        t0 = time.perf_counter()
         row.gflop_per_gen, x = gflop_run(run, row)
+        setup_ms = (time.perf_counter() - t0) * 1e3
         row.deviation = rel(x, work.x_ref)
         row.syncs = count_syncs(run, device)
         rows.append(row)
-        timings.append(Timing(row, "ms_per_gen", run))
+        timings.append(Timing(row, "ms_per_gen", run, setup_ms=setup_ms))
     return rows, timings
 
 
 def table_notes(args) -> list[str]:
     """What the table's figures are; printed under it and written with it."""
     return [
-        f"- ms: median of {args.repeats} interleaved repeats after warm-up (repeat r times every row "
+        f"- ms: median of {args.repeats} interleaved repeats after warm-up (on a CPU a generation's warm-up is its "
+        "row's untimed set-up run; repeat r times every row "
         "before repeat r+1 starts); CUDA events on a GPU, wall clock on a CPU. ms full/reuse call: one "
         f"UNet call of that kind (CFG batch); ms/gen: the whole {args.steps}-step loop, scheduler included.",
         "- timing spread: (max - min) / median of those repeats, the largest over the row's timings. "
