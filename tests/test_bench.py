@@ -44,6 +44,8 @@ def test_latency_harness_smoke(tmp_path, capsys):
     assert fr.ms_per_gen == statistics.median(fr.samples["ms_per_gen"]) and set(fr.spread) == set(fr.samples)
     data = json.loads(next(tmp_path.glob("*.json")).read_text())
     assert data["meta"]["device"].startswith("cpu") and len(data["rows"]) == len(rows)
+    assert data["meta"]["threads"] == 1 and "torch threads=1" in out  # --threads: 1 by default on a CPU
+    assert [p["row"] for p in data["meta"]["policies"]] == ["frkern FRDiff:interval=2", "frkern Clockwork:clock=2"]
     assert all("noisy" in r and "spread" in r for r in data["rows"])
     assert data["meta"]["timing"]["repeats"] == 2
     # the table says what its figures are
@@ -250,3 +252,194 @@ def test_autofr_search_init_spec():
     for bad, match in (("FRDiff:interval=0", "interval"), ("Nope:x=1", "Nope"), ("frsm", "expected full")):
         with pytest.raises(SystemExit, match=match):
             autofr_search.init_policy(bad)
+
+
+# ----------------------------------------------------------------------------- policy specs
+def test_spec_grammar_accepts_bare_strings_numbers_booleans_tuples_and_files(tmp_path, monkeypatch):
+    from specs import parse_spec, parse_value
+
+    import frkern
+
+    assert [parse_value(v) for v in ("3", "-2", "0.05", "1e-3", "true", "False", "none", "clockwork", '"a,b"',
+                                     "'x'", "(0,3,7)", "[0, 3, 7]", "()", "(1.5,)")] == \
+        [3, -2, 0.05, 1e-3, True, False, None, "clockwork", "a,b", "x", (0, 3, 7), (0, 3, 7), (), (1.5,)]
+    policy = lambda text, steps=None: parse_spec(text, steps).policy  # noqa: E731
+    assert policy("Adaptive:threshold=0.05,reuse=clockwork") == frkern.Adaptive(0.05, reuse="clockwork")
+    assert policy('Adaptive:threshold=1e9,reuse="clockwork",max_reuse=1') == \
+        frkern.Adaptive(1e9, reuse="clockwork", max_reuse=1)
+    assert policy("frdiff:interval=3,score_mix=FALSE") == frkern.FRDiff(3, score_mix=False)  # names: any case
+    assert policy("Keyframes:keyframes=(0,3,7),num_steps=10", 10) == policy("Keyframes:keyframes=[0,3,7],num_steps=10")
+    assert policy("SkipConv:threshold=0.05,interval=none") == frkern.SkipConv(0.05)
+    assert policy("Adaptive:poly=(1,0.5,0)").poly == (1.0, 0.5, 0.0)
+    assert policy('{"policy": "DeepCache", "interval": 4}') == frkern.DeepCache(4)
+    # a saved policy: @FILE or a bare .json path, relative to the current folder or the repository
+    # root, with fields overriding the saved ones; Clockwork's adaptor= is looked up the same way
+    monkeypatch.chdir(tmp_path)
+    saved = parse_spec("@bench/results/adaptive_tiny_ddim50_clockwork.policy.json:threshold=0.06,warmup=2", 50)
+    assert saved.policy.rule == "accumulated" and (saved.policy.threshold, saved.policy.warmup) == (0.06, 2)
+    assert saved.label == "Adaptive @adaptive_tiny_ddim50_clockwork.policy.json:threshold=0.06,warmup=2"
+    frkern.save_policy(frkern.Keyframes((0, 2), num_steps=4), tmp_path / "mine.json")
+    assert policy("mine.json", 4) == policy("@mine.json") == frkern.Keyframes((0, 2), num_steps=4)
+    adapted = policy("Clockwork:clock=4,adaptor=bench/results/adaptors/clockwork_tiny_ddim50_c4", 50)
+    assert os.path.exists(adapted.adaptor + ".safetensors")
+
+
+@pytest.mark.parametrize("spec, says", [
+    ("Adaptive:threshold=0.05,reuse=clokwork", "reuse must be one of"),
+    ("FRDiff:m=3", "unknown fields"),
+    ("Nope:x=1", "unknown policy 'Nope'"),
+    ("FRDiff:interval", "is not FIELD=VALUE"),
+    ("FRDiff:interval=(1,2", "unclosed bracket"),
+    ("FRDiff:interval=2,interval=3", "given twice"),
+    ("@no_such_policy.json", "not found"),
+    ("Keyframes:keyframes=(0,3),num_steps=50", "made for 50 steps"),  # --steps 4 below
+    ("Clockwork:clock=4,adaptor=bench/results/adaptors/clockwork_tiny_ddim50_c4", "trained for 50 steps"),
+    ("Clockwork:clock=2,adaptor=no/such/adaptor", "adaptor 'no/such/adaptor' not found"),
+])
+def test_a_bad_spec_is_one_line_naming_it_and_the_grammar(spec, says):
+    from specs import GRAMMAR_LINE, SpecError, parse_specs
+
+    with pytest.raises(SpecError) as e:
+        parse_specs(["FRDiff:interval=2", spec], steps=4)
+    text = str(e.value)
+    assert says in text and f"--policies {spec!r}" in text and GRAMMAR_LINE in text and "\n" not in text
+
+
+def test_latency_refuses_a_bad_spec_before_any_work(monkeypatch, capsys):
+    import latency
+
+    def no_work(*a, **k):
+        raise AssertionError("a model was built for a run with a bad spec")
+
+    monkeypatch.setattr(latency, "build_unet", no_work)
+    monkeypatch.setattr(latency, "run", no_work)
+    for argv in (["--policies", "FRDiff:interval=2", "Adaptive:threshold=0.05,reuse=clokwork"],
+                 ["--steps", "4", "--policies", "@bench/results/autofr_tiny_50steps_w0.005.policy.json"]):
+        with pytest.raises(SystemExit) as exit_:
+            latency.main(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1 and repr(argv[-1]) in err and "Spec grammar:" in err
+
+
+def test_the_default_rows_cover_every_policy_kind():
+    import latency
+    from specs import parse_specs
+
+    import frkern
+
+    specs = parse_specs(latency.DEFAULT_POLICIES, steps=50)
+    assert {s.policy.name for s in specs} | {"NoReuse"} == set(frkern.policies.POLICIES)  # NoReuse: always a row
+    by_kind = {}
+    for s in specs:
+        by_kind.setdefault(s.policy.name, []).append(s.policy)
+    assert any(p.adaptor for p in by_kind["Clockwork"]) and any(not p.adaptor for p in by_kind["Clockwork"])
+    assert {p.rule for p in by_kind["Adaptive"]} == {"accumulated", "first_block"}
+    assert by_kind["Keyframes"][0].jumps  # the shipped Auto-FR schedule with jumps
+    assert "densely" in latency.SKIPCONV_CPU_NOTE and "saves no time" in latency.SKIPCONV_CPU_NOTE
+    # at other step counts the default list leaves out what was made for 50 steps, and says so
+    ap = latency.parser()
+    usable, left_out = latency.frkern_specs(ap, ap.parse_args(["--steps", "4"]))
+    assert sorted(s.policy.name for s, _ in left_out) == ["Clockwork", "Keyframes"]
+    assert len(usable) == len(latency.DEFAULT_POLICIES) - 2 and all("50 steps" in why for _, why in left_out)
+
+
+def test_threads_are_set_for_the_run_and_restored(monkeypatch):
+    import latency
+
+    seen = []
+    monkeypatch.setattr(latency, "run", lambda args, *a: seen.append((args.threads, torch.get_num_threads())))
+    before = torch.get_num_threads()
+    latency.main(["--threads", "3", "--policies", "FRDiff:interval=2"])
+    latency.main(["--policies", "FRDiff:interval=2"])  # CPU default: 1
+    assert seen == [(3, 3), (1, 1)] and torch.get_num_threads() == before
+
+
+# ----------------------------------------------------------------------------- scripts and helpers
+ALL_SCRIPTS = SCRIPTS + ["aot_compile", "train_clockwork_adaptor"]
+HELPERS = ["configs", "flops", "options", "record", "specs", "tiny_model"]
+HEAVY = ("torch", "diffusers", "frkern", "numpy")
+
+
+def test_every_bench_module_is_a_script_or_a_helper_that_does_not_look_like_one():
+    found = {f[:-3] for f in os.listdir(BENCH) if f.endswith(".py")}
+    assert set(ALL_SCRIPTS) | set(HELPERS) <= found
+    for name in HELPERS:
+        source = open(os.path.join(BENCH, name + ".py")).read()
+        doc = " ".join(importlib.import_module(name).__doc__.split())
+        assert "helper module, not a script" in doc and "if __name__" not in source, name
+    for name in found - set(HELPERS):  # the rest are scripts (a new helper joins HELPERS)
+        assert 'if __name__ == "__main__":' in open(os.path.join(BENCH, name + ".py")).read(), name
+
+
+CHECK_BEFORE_IMPORTS = r"""
+import io, json, runpy, sys, time, contextlib
+out = {}
+for name, argv in json.loads(sys.argv[1]):
+    sys.argv = [name + ".py"] + argv
+    t0, err = time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(sys.argv[0], run_name="__main__")
+            code = None
+        except SystemExit as e:
+            code = e.code
+    out[name + " " + " ".join(argv)] = [code, time.perf_counter() - t0, err.getvalue()]
+out["heavy"] = sorted(m for m in sys.modules if m.split(".")[0] in %r)
+print(json.dumps(out))
+""" % (HEAVY,)
+
+
+def test_help_and_bad_specs_answer_before_torch_loads():
+    import subprocess
+
+    runs = [(s, ["--help"]) for s in ALL_SCRIPTS]
+    runs += [("latency", ["--policies", "Adaptive:threshold=0.05,reuse=clokwork"]),
+             ("compile_check", ["--policy", "FRDiff:intervl=2"]), ("step_anatomy", ["--policy", "Nope"]),
+             ("host_overhead", ["--policy", "DeepCache:interval=0"]), ("autofr_search", ["--init", "frsm"])]
+    result = subprocess.run([sys.executable, "-c", CHECK_BEFORE_IMPORTS, json.dumps(runs)], cwd=BENCH,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out.pop("heavy") == []  # neither --help nor a bad spec imported torch, diffusers, frkern or numpy
+    for run, (code, seconds, err) in out.items():
+        assert seconds < 3, run
+        if run.endswith("--help"):
+            assert code in (0, None), run
+        else:
+            message = (err or (code if isinstance(code, str) else "")).strip()  # SystemExit("...") prints at exit
+            assert code not in (0, None) and message and "\n" not in message, (run, err)
+
+
+def test_known_harmless_library_warnings_are_dropped_and_others_kept(caplog):
+    import logging
+
+    from options import quiet_known_warnings
+    from tiny_model import load
+
+    quiet_known_warnings()
+    log = logging.getLogger("diffusers.models.modeling_utils")
+    with caplog.at_level(logging.WARNING):
+        load()
+        log.warning("There are modules in UNet2DConditionModel that should be kept in float32: []. Casting ...")
+        log.warning("There are modules in UNet2DConditionModel that should be kept in float32: ['norm']. Casting ...")
+    assert [r.getMessage()[-20:] for r in caplog.records] == ["float32: ['norm']. Casting ..."[-20:]]
+
+
+def test_compile_check_defaults_to_the_readme_backend_and_explains_its_deviation():
+    import compile_check
+
+    assert compile_check.parser().get_default("backend") == "inductor"  # torch.compile's default, the README's
+    assert "max_abs = max |x - x_full|" in compile_check.DEVIATION and "rel_l2" in compile_check.DEVIATION
+
+
+def test_a_generation_its_set_up_already_ran_needs_no_warm_up_on_a_cpu():
+    from latency import SETUP_WARMS_MS, Row, Timing, warm_up
+
+    ran = []
+    warm = Timing(Row("a"), "ms_per_gen", lambda: ran.append("a"), setup_ms=SETUP_WARMS_MS)
+    cold = Timing(Row("b"), "ms_per_gen", lambda: ran.append("b"), setup_ms=SETUP_WARMS_MS / 2)
+    short = Timing(Row("c"), "ms_full_call", lambda: ran.append("c"))
+    warm_up([warm, cold, short], lambda fn, number: fn() or 5.0, runs=1, setup_warms=True)
+    assert ran == ["b", "c"] and (warm.number, short.number) == (1, 4)  # 4 x 5 ms >= MIN_SAMPLE_MS
+    warm_up([warm], lambda fn, number: fn() or 5.0, runs=3)  # CUDA: every timing warms up
+    assert ran == ["b", "c", "a", "a", "a"]
