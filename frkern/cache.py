@@ -80,7 +80,9 @@ class FeatureCache:
         seen, total = set(), 0
         for e in self._entries.values():
             for t in _tensors(e.value):
-                key = (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
+                # one tensor stored under two keys (or a view of it) is counted once; meta tensors
+                # (cost estimates) have no addresses, only identities
+                key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())
                 if key not in seen:
                     seen.add(key)
                     total += t.numel() * t.element_size()

@@ -194,3 +194,15 @@ def test_patching_the_unet_of_a_pipeline_says_to_patch_the_pipeline():
     frkern.patch(pipe.unet, frkern.FRDiff(), backend="torch")
     with pytest.raises(RuntimeError, match=r"patch the pipeline, not its UNet"):
         pipe(**sd_prompt_kwargs(), num_inference_steps=2, output_type="latent")
+
+
+def test_cache_bytes_of_meta_tensors_count_each_tensor():
+    """Cost estimates run on the meta device, where every tensor's address is 0: distinct tensors
+    of one size are still distinct (the same tensor stored twice counts once)."""
+    c = FeatureCache()
+    c.new_generation()
+    a, b = torch.empty(3, 4, device="meta"), torch.empty(3, 4, device="meta")
+    c.put("a", a, signature(a))
+    c.put("b", b, signature(b))
+    c.put("a2", a, signature(a))
+    assert c.nbytes == 2 * 3 * 4 * 4
