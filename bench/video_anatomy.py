@@ -12,13 +12,16 @@ formulas: convolutions, matmuls, attention), with frkern's torch backend, CFG ba
 The reuse call is a policy's non-keyframe call (FRDiff without score mixing, Clockwork's clocked
 call, DeepCache's cached call); cache bytes are what the keyframe stores (fp16). SkipConv's FLOPs
 depend on the content (the tiles that change) and are not counted here. Writes
-video_anatomy.json and .md to --out (default bench/results/local).
+video_anatomy.json and .md to --out.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from options import add_out, help_before_imports, quiet_known_warnings  # noqa: E402
+from options import parser as new_parser  # noqa: E402
 
 POLICIES = ("FRDiff:interval=3,score_mix=false", "Clockwork:clock=2", "DeepCache:interval=3,branch=0",
             "DeepCache:interval=3,branch=2")
@@ -26,18 +29,17 @@ CASES = (("svd-xt", 14), ("svd-xt", 25), ("animatediff", 16), ("t2v", 16))
 
 
 def parser():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join("bench", "results", "local"), help="folder for the results")
+    ap = new_parser(__doc__)
+    add_out(ap, "the JSON and markdown results")
     return ap
 
 
 if __name__ == "__main__":
-    ARGS = parser().parse_args()  # --help answers before torch loads
+    help_before_imports(parser)
 
 import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import frkern  # noqa: E402
 from record import save_json  # noqa: E402
 from specs import policy_from_spec  # noqa: E402
@@ -74,7 +76,9 @@ def gflop(model, kw, t) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def main(args) -> None:
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
+    quiet_known_warnings()
     rows = []
     for kind, frames in CASES:
         for spec in POLICIES:
@@ -102,4 +106,4 @@ def main(args) -> None:
 
 
 if __name__ == "__main__":
-    main(ARGS)
+    main()

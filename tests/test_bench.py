@@ -143,7 +143,7 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
 
 # Every bench script with a command line (configs, flops, options, record and tiny_model have none).
 SCRIPTS = ["latency", "quality", "autofr_search", "compile_check", "host_overhead", "kernel_bench",
-           "step_anatomy", "train_tiny", "calibrate_adaptive"]
+           "step_anatomy", "train_tiny", "calibrate_adaptive", "data_parallel", "video_anatomy"]
 
 
 def help_chunks(text: str) -> dict[str, str]:
