@@ -53,17 +53,15 @@ weights diverged within a generation (checked on every call with verify_calls: g
 
 Module-level state in frkern, per process and per thread (audit for issue 21):
 - frkern.family.FAMILIES and frkern.install.INSTALLERS (registries): filled at import (under the
-  import lock) and by users' register_* calls; read by patch. Per process. Registering while
-  another thread patches is not guarded: find_model may or may not see a family registered
-  meanwhile, and the error path of prepare() iterates INSTALLERS (sorted(...)), which raises
-  "dictionary changed size during iteration" if a thread registers an installer at that moment;
-  register_family's duplicate check and its append are not atomic. Register before starting
-  threads.
+  import lock) and by users' register_* calls; read by patch. Per process. register_family's
+  check and append hold a lock; find_model and prepare's error path iterate copies, so a family or
+  installer registered while another thread patches is seen or not, never an error. Register
+  before starting threads to be sure every thread sees it.
 - Scheduler tracking (frkern.tracking): no module-level registry; a SchedulerTracker lives on its
   scheduler instance (`scheduler._frkern_tracker`) and holds weak references to the runtimes it
-  drives. Per pipeline. `SchedulerTracker.of` is check-then-create: two threads patching two
-  pipelines that share one scheduler at the same time could both wrap it (the second would wrap
-  the first's wrappers). Separate pipelines (separate schedulers) share nothing.
+  drives. Per pipeline. `SchedulerTracker.of` looks up and creates under a module lock, so two
+  threads patching two pipelines that share one scheduler get one tracker. Separate pipelines
+  (separate schedulers) share nothing.
 - frkern.ops: _counts, _fallbacks, _proven (kernel report, fallback keys, proven skip_conv launch
   signatures) are guarded by one lock; _warned (warn-once keys) by its own; the unlocked read in
   _on_reference only tests emptiness (a racing registration costs one more failed Triton attempt).

@@ -8,6 +8,7 @@ the installers (frkern.install) turn a policy into wrappers over these parts.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -124,13 +125,15 @@ class ModelFamily:
 
 
 FAMILIES: list[ModelFamily] = []
+_REGISTRY_LOCK = threading.Lock()
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
     """Add a family to those `patch` tries (in registration order)."""
-    if any(type(f) is type(family) for f in FAMILIES):
-        raise ValueError(f"frkern: a {type(family).__name__} is already registered")
-    FAMILIES.append(family)
+    with _REGISTRY_LOCK:
+        if any(type(f) is type(family) for f in FAMILIES):
+            raise ValueError(f"frkern: a {type(family).__name__} is already registered")
+        FAMILIES.append(family)
     return family
 
 
@@ -142,7 +145,7 @@ def uncompiled(module):
 
 def find_model(target) -> tuple[ModelFamily, nn.Module, Any]:
     """(family, model, pipeline or None) for a patch target, or a TypeError saying what is accepted."""
-    for family in FAMILIES:
+    for family in list(FAMILIES):
         found = family.find(target)
         if found is not None:
             return (family, *found)

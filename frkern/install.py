@@ -76,7 +76,7 @@ def prepare(target: Target, policy: Policy) -> Plan:
     installer = INSTALLERS.get(type(policy))
     if installer is None:
         raise TypeError(f"frkern.patch: no installer for {type(policy).__name__}; "
-                        f"known: {', '.join(sorted(t.__name__ for t in INSTALLERS))}")
+                        f"known: {', '.join(sorted(t.__name__ for t in list(INSTALLERS)))}")
     plan = installer(target, policy)
     for path in [*plan.units, *plan.segments, *plan.gated, *plan.probed, *filter(None, [plan.probe_gate])]:
         target.model.get_submodule(path)  # every path must exist before anything changes

@@ -18,6 +18,7 @@ pipelines still pass `generator`, `eta`, custom `timesteps` / `sigmas`):
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from .runtime import _PICKLE_MESSAGE, Runtime
 
 _ATTR = "_frkern_tracker"
+_OF_LOCK = threading.Lock()
 _METHODS = ("set_timesteps", "set_begin_index", "step")
 
 
@@ -73,8 +75,10 @@ class SchedulerTracker:
 
     @classmethod
     def of(cls, scheduler) -> "SchedulerTracker":
-        tracker = scheduler.__dict__.get(_ATTR)
-        return tracker if tracker is not None else cls(scheduler)
+        # one tracker per scheduler, also when two threads patch pipelines sharing it at once
+        with _OF_LOCK:
+            tracker = scheduler.__dict__.get(_ATTR)
+            return tracker if tracker is not None else cls(scheduler)
 
     # A copy of a tracked scheduler (deepcopy of a pipeline) gets a tracker of its own with no
     # runtime; the copied model's handle attaches to it on its first call.
