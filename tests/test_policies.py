@@ -116,3 +116,19 @@ def test_bad_policy_arguments_name_the_value_and_what_is_accepted(make, match):
 def test_json_policy_with_wrong_field_types(data, match):
     with pytest.raises(ValueError, match=match):
         frkern.from_json(json.dumps(data))
+
+
+def test_policy_json_carries_a_format_version():
+    import json
+
+    from frkern.policies import POLICY_VERSION
+
+    p = frkern.Adaptive(0.2, reuse="units")
+    data = json.loads(p.to_json())
+    assert data["version"] == POLICY_VERSION == 1
+    assert frkern.from_json(p.to_json()) == p
+    del data["version"]  # files written before the field existed read as version 1
+    assert frkern.from_json(json.dumps(data)) == p
+    for bad in (POLICY_VERSION + 1, 0, "1", True):
+        with pytest.raises(ValueError, match="policy format version"):
+            frkern.from_json(json.dumps(dict(data, version=bad)))
