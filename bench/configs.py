@@ -1,4 +1,4 @@
-"""UNet2DConditionModel configurations used by the benchmarks (helper module, not a script; random
+"""UNet configurations used by the benchmarks (helper module, not a script; random
 weights: speed and FLOPs do not depend on the weights). "sd15" and "sdxl" are the real model
 layouts. Standard library only (the scripts' --help needs no torch)."""
 from __future__ import annotations
@@ -31,5 +31,25 @@ SMALL = dict(
 )
 
 CONFIGS = {"sd15": SD15, "sdxl": SDXL, "small": SMALL}
+
+# Video UNets at a size a CPU runs in seconds (random weights; bench/latency.py --config): the
+# family's model class, its config, the motion adapter's (AnimateDiff), frames per video.
+# AnimateDiff's text states are repeated per frame by its pipeline (text_per_frame).
+VIDEO_CONFIGS = {
+    "animatediff": dict(
+        model="UNetMotionModel", frames=8, text_per_frame=True,
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=8),
+        adapter=dict(block_out_channels=(32, 64), motion_layers_per_block=1, motion_norm_num_groups=8,
+                     motion_num_attention_heads=(2, 4), motion_max_seq_length=16, use_motion_mid_block=True)),
+    "t2v": dict(
+        model="UNet3DConditionModel", frames=8, text_per_frame=False,
+        unet=dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+                  up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
+                  attention_head_dim=8, norm_num_groups=8)),
+}
 # text length, pooled width (SDXL) per config
-TEXT = {"sd15": (77, None), "sdxl": (77, 1280), "small": (16, None)}
+TEXT = {"sd15": (77, None), "sdxl": (77, 1280), "small": (16, None), "animatediff": (16, None), "t2v": (16, None)}

@@ -68,7 +68,7 @@ from typing import Callable, NamedTuple
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # stdlib only, like options and specs: --help needs no torch
-from configs import CONFIGS  # noqa: E402
+from configs import CONFIGS, VIDEO_CONFIGS  # noqa: E402
 from options import add_out, help_before_imports, quiet_known_warnings  # noqa: E402
 from options import parser as new_parser  # noqa: E402
 from specs import (GRAMMAR, SpecError, check_before_imports, check_steps, error_line, parse_specs,  # noqa: E402,F401
@@ -106,9 +106,10 @@ SKIPCONV_CPU_NOTE = ("SkipConv's PyTorch reference computes densely and saves no
 def parser():
     """The command line; needs no torch, so that --help answers before torch and diffusers load."""
     ap = new_parser(__doc__, epilog=GRAMMAR)
-    ap.add_argument("--config", default="tiny", choices=["tiny", "dry"] + sorted(CONFIGS),
+    ap.add_argument("--config", default="tiny", choices=["tiny", "dry"] + sorted(CONFIGS) + sorted(VIDEO_CONFIGS),
                     help="tiny: the trained model in bench/assets (real weights); dry: a minimal SD layout for dry "
-                         "runs (timings mean nothing); others: real layouts, random weights")
+                         "runs (timings mean nothing); animatediff, t2v: small video UNets (UNetMotionModel, "
+                         "UNet3DConditionModel; random weights, 8 frames); others: real layouts, random weights")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per generation")
     ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -273,6 +274,16 @@ def build_unet(config: str, dtype, device):
 
         return load(device=device, dtype=dtype)[0]
     torch.manual_seed(0)
+    if config in VIDEO_CONFIGS:
+        import diffusers
+
+        video = VIDEO_CONFIGS[config]
+        if video["model"] == "UNetMotionModel":
+            unet = diffusers.UNetMotionModel.from_unet2d(UNet2DConditionModel(**video["unet"]),
+                                                         diffusers.MotionAdapter(**video["adapter"]))
+        else:
+            unet = getattr(diffusers, video["model"])(**video["unet"])
+        return unet.eval().to(device=device, dtype=dtype)
     # initialised where it runs: SD1.5's 860M parameters take seconds to initialise on a CPU
     with torch.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
         unet = UNet2DConditionModel(**(DRY if config == "dry" else CONFIGS[config]))
@@ -290,8 +301,12 @@ def make_inputs(config, unet, batch, dtype, device, seed=0):
         ehs = torch.cat([tokens(torch.full_like(labels, tokens.num_classes)), tokens(labels)])
         return torch.randn(batch, 3, size, size, generator=g).to(device, dtype), ehs, {}
     text_len, pooled = DRY_TEXT if config == "dry" else TEXT[config]
-    latents = torch.randn(batch, unet.config.in_channels, size, size, generator=g).to(device, dtype)
+    video = VIDEO_CONFIGS.get(config)
+    frames = (video["frames"],) if video else ()  # video latents: (batch, C, frames, H, W)
+    latents = torch.randn(batch, unet.config.in_channels, *frames, size, size, generator=g).to(device, dtype)
     ehs = torch.randn(2 * batch, text_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    if video and video["text_per_frame"]:  # as AnimateDiffPipeline passes them
+        ehs = ehs.repeat_interleave(video["frames"], dim=0)
     kw = {}
     if pooled:
         px = size * 8
@@ -784,6 +799,8 @@ def deepcache_package_rows(specs, unet, work, device):
     """The `deepcache` package's own helper, each interval on its own copy of the UNet, if installed.
     Used as in a diffusers pipeline: its scheduler's timesteps on the device, where the helper's
     per-call lookup (t.item(), then an index search among them) makes the host wait (counted)."""
+    if not isinstance(unet, __import__("diffusers").UNet2DConditionModel):
+        return [], []  # its SD helper patches UNet2DConditionModel's blocks only
     try:
         from DeepCache import DeepCacheSDHelper
     except ImportError:

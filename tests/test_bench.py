@@ -443,3 +443,19 @@ def test_a_generation_its_set_up_already_ran_needs_no_warm_up_on_a_cpu():
     assert ran == ["b", "c"] and (warm.number, short.number) == (1, 4)  # 4 x 5 ms >= MIN_SAMPLE_MS
     warm_up([warm], lambda fn, number: fn() or 5.0, runs=3)  # CUDA: every timing warms up
     assert ran == ["b", "c", "a", "a", "a"]
+
+
+@pytest.mark.parametrize("config", ["animatediff", "t2v"])
+def test_latency_harness_runs_the_video_families(config, tmp_path):
+    """--config animatediff / t2v: 5-D latents (batch, C, frames, H, W) through the same CFG DDIM
+    loop; the deepcache package's SD helper has no row there (it patches 2-D UNets only)."""
+    import latency
+
+    rows = latency.main(["--config", config, "--steps", "3", "--policies", "DeepCache:interval=2",
+                         "--repeats", "1", "--out", str(tmp_path)])
+    by = {r.method: r for r in rows}
+    assert set(by) == {"diffusers eager", "frkern NoReuse", "frkern DeepCache:interval=2"}
+    assert by["frkern NoReuse"].deviation == 0.0
+    dc = by["frkern DeepCache:interval=2"]
+    assert dc.calls == {"full": 2, "reuse": 1} and dc.gflop_per_gen < by["diffusers eager"].gflop_per_gen
+    assert 0 < dc.deviation < 1
