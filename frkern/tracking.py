@@ -26,7 +26,7 @@ import torch
 from .runtime import _PICKLE_MESSAGE, Runtime
 
 _ATTR = "_frkern_tracker"
-_OF_LOCK = threading.Lock()
+_OF_LOCK = threading.RLock()
 _METHODS = ("set_timesteps", "set_begin_index", "step")
 
 
