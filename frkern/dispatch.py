@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import warnings
 import weakref
-from typing import Any
 
 import torch
 from torch import nn

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import inspect
 
-import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.activations import GEGLU
 from diffusers.models.resnet import ResnetBlock2D
