@@ -81,7 +81,10 @@ def test_compiled_patched_unet_has_no_graph_breaks_and_no_recompiles(kind, polic
         assert torch.equal(generate(pipe, prompt, steps=7), eager)
     assert graphs() == first, "patching another model recompiled this one"
 
-    # a new resolution compiles new graphs (guards see the shapes) and stays correct
+    # a new resolution compiles new graphs (guards see the shapes) and stays correct; once, on the
+    # FRDiff case (recompiling every step kind costs as much as the first compile)
+    if not isinstance(policy, frkern.FRDiff):
+        return
     other = generate(pipe, prompt, steps=7, size=40)
     assert graphs() > first and breaks() == 0
     pipe.unet = pipe.unet._orig_mod
