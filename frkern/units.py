@@ -174,11 +174,13 @@ class ReusedResnetBlock2D(_Wrapper):
         return out / o.output_scale_factor if o.output_scale_factor != 1.0 else out
 
 
-class ReusedTransformer2D(_Wrapper):
-    """Transformer2DModel whose residual branch (norm, proj_in, blocks, proj_out) is cached on
-    keyframes; a reuse step is `x + cached` and runs nothing else."""
+class _ResidualBranch(_Wrapper):
+    """A module whose output is input + branch, the branch being one child's output (`branch_child`)
+    laid back out in the input's layout (`_branch`). A forward hook on that child captures its output
+    during a keyframe's computation; reuse returns input + the cached branch and runs nothing else."""
 
     swap_when_not_cached = False  # nothing fused: only there to cache
+    branch_child = "proj_out"
 
     def __init__(self, original, runtime, unit, cache_unit, backend):
         super().__init__(original, runtime, unit, cache_unit, backend)
@@ -188,14 +190,13 @@ class ReusedTransformer2D(_Wrapper):
         self.rebind()
 
     def rebind(self):
-        """Hook whatever proj_out is now: its output is the branch before diffusers adds the input
-        back. Called again (by the weights watch) whenever a module is registered anywhere, e.g.
-        a LoRA layer wrapping proj_out."""
-        proj_out = self._modules["proj_out"]
-        if self._hook is not None and self._hook[0] is proj_out:
+        """Hook whatever the branch's child is now (called again by the weights watch whenever a
+        module is registered anywhere, e.g. a LoRA layer wrapping it)."""
+        child = self._modules[self.branch_child]
+        if self._hook is not None and self._hook[0] is child:
             return
         self.remove_hook()
-        object.__setattr__(self, "_hook", (proj_out, proj_out.register_forward_hook(self._capture)))
+        object.__setattr__(self, "_hook", (child, child.register_forward_hook(self._capture)))
 
     def _capture(self, module, args, output):
         if self._capturing:
@@ -210,57 +211,89 @@ class ReusedTransformer2D(_Wrapper):
         self.remove_hook()
         super().detach()
 
-    def _branch(self, projected, hidden_states):
-        """The residual branch from proj_out's output, in the input's layout."""
+    def _branch(self, captured, hidden_states, frames):  # pragma: no cover - per subclass
+        raise NotImplementedError
+
+    def _frames(self, args, kwargs) -> int | None:
+        """Frames per video of this call (temporal modules: it fixes the branch's layout), or None."""
+        return None
+
+    def _output(self, hidden_states, args, kwargs):
+        """The module's output tensor (the original's forward)."""
+        return self.original(hidden_states, *args, **kwargs)
+
+    def _reused(self, hidden_states, args, kwargs):
+        """The output tensor through the unit protocol."""
+        frames = self._frames(args, kwargs)
+
+        def branch_and_output():
+            object.__setattr__(self, "_capturing", True)
+            try:
+                out = self._output(hidden_states, args, kwargs)
+            finally:
+                object.__setattr__(self, "_capturing", False)
+            branch = self._branch(self._captured, hidden_states, frames)
+            object.__setattr__(self, "_captured", None)
+            return out, branch
+
+        # a frame count is part of the signature: (batch * frames) alone does not fix the layout
+        sig = signature(hidden_states) if frames is None else signature(hidden_states) + (frames,)
+        return self.cached(sig, branch_and_output, lambda branch: hidden_states + branch)
+
+
+def _frames_to_batch(projected, hidden_states, frames):
+    """(batch * H * W, frames, C) -> (batch * frames, C, H, W), as diffusers' temporal
+    transformers lay proj_out's output out (the same as AnimateDiff's motion modules)."""
+    bf, c, h, w = hidden_states.shape
+    return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
+            .contiguous().reshape(bf, c, h, w))
+
+
+class ReusedTransformer2D(_ResidualBranch):
+    """Transformer2DModel whose residual branch (norm, proj_in, blocks, proj_out) is cached on
+    keyframes; a reuse step is `x + cached` and runs nothing else."""
+
+    def _branch(self, projected, hidden_states, frames):
         if projected.dim() == 3:  # linear projection: (B, HW, C) -> (B, C, H, W), as diffusers does
             b, _, h, w = hidden_states.shape
             projected = projected.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
         return projected
 
-    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
-        def branch_and_output():
-            object.__setattr__(self, "_capturing", True)
-            try:
-                out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
-            finally:
-                object.__setattr__(self, "_capturing", False)
-            branch = self._branch(self._captured, hidden_states)
-            object.__setattr__(self, "_captured", None)
-            return out, branch
+    def _output(self, hidden_states, args, kwargs):
+        return self.original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
 
+    def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
         if self.cache_unit:
-            out = self.cached(signature(hidden_states), branch_and_output, lambda branch: hidden_states + branch)
+            out = self._reused(hidden_states, args, kwargs)
         else:
-            out = self.original(hidden_states, *args, return_dict=False, **kwargs)[0]
+            out = self._output(hidden_states, args, kwargs)
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
-class ReusedMotionModule(ReusedTransformer2D):
+def frames_to_batch(projected, hidden_states, frames):
+    """(batch * H * W, frames, C) -> (batch * frames, C, H, W), as diffusers' temporal
+    transformers (AnimateDiff's motion modules, TransformerTemporalModel) lay proj_out's output out."""
+    bf, c, h, w = hidden_states.shape
+    return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
+            .contiguous().reshape(bf, c, h, w))
+
+
+class ReusedMotionModule(_ResidualBranch):
     """AnimateDiff's motion module (diffusers' AnimateDiffTransformer3D: attention over frames at
     each pixel) whose residual branch is cached on keyframes: its output is input + branch, the
     branch being proj_out's output laid back out as (batch * frames, C, H, W)."""
 
-    def _branch(self, projected, hidden_states):
-        bf, c, h, w = hidden_states.shape
-        frames = projected.shape[1]  # proj_out sees (batch * H * W, frames, C)
-        return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
-                .contiguous().reshape(bf, c, h, w))
+    def _frames(self, args, kwargs) -> int:
+        # forward(hidden_states, encoder_hidden_states, timestep, class_labels, num_frames, ...)
+        return int(kwargs["num_frames"] if "num_frames" in kwargs else args[3] if len(args) > 3 else 1)
+
+    def _branch(self, projected, hidden_states, frames):
+        return frames_to_batch(projected, hidden_states, frames)
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.cache_unit:
             return self.original(hidden_states, *args, **kwargs)
-
-        def branch_and_output():
-            object.__setattr__(self, "_capturing", True)
-            try:
-                out = self.original(hidden_states, *args, **kwargs)
-            finally:
-                object.__setattr__(self, "_capturing", False)
-            branch = self._branch(self._captured, hidden_states)
-            object.__setattr__(self, "_captured", None)
-            return out, branch
-
-        return self.cached(signature(hidden_states), branch_and_output, lambda branch: hidden_states + branch)
+        return self._reused(hidden_states, args, kwargs)
 
 
 class FusedGEGLU(_Wrapper):

@@ -23,81 +23,7 @@ from __future__ import annotations
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModelOutput
 
 from .cache import signature
-from .units import _Wrapper
-
-
-class _ResidualBranch(_Wrapper):
-    """A module whose output is input + branch, the branch being one child's output (`branch_child`)
-    laid back out in the input's layout (`_branch`). A forward hook on that child captures its output
-    during a keyframe's computation; reuse returns input + the cached branch and runs nothing else."""
-
-    swap_when_not_cached = False  # nothing fused: only there to cache
-    branch_child = "proj_out"
-
-    def __init__(self, original, runtime, unit, cache_unit, backend):
-        super().__init__(original, runtime, unit, cache_unit, backend)
-        object.__setattr__(self, "_captured", None)
-        object.__setattr__(self, "_capturing", False)
-        object.__setattr__(self, "_hook", None)
-        self.rebind()
-
-    def rebind(self):
-        """Hook whatever the branch's child is now (called again by the weights watch whenever a
-        module is registered anywhere, e.g. a LoRA layer wrapping it)."""
-        child = self._modules[self.branch_child]
-        if self._hook is not None and self._hook[0] is child:
-            return
-        self.remove_hook()
-        object.__setattr__(self, "_hook", (child, child.register_forward_hook(self._capture)))
-
-    def _capture(self, module, args, output):
-        if self._capturing:
-            object.__setattr__(self, "_captured", output)
-
-    def remove_hook(self):
-        if self._hook is not None:
-            self._hook[1].remove()
-            object.__setattr__(self, "_hook", None)
-
-    def detach(self) -> None:
-        self.remove_hook()
-        super().detach()
-
-    def _branch(self, captured, hidden_states, frames):  # pragma: no cover - per subclass
-        raise NotImplementedError
-
-    def _frames(self, args, kwargs) -> int:  # pragma: no cover - per subclass
-        raise NotImplementedError
-
-    def _output(self, hidden_states, args, kwargs):
-        """The module's output tensor (the original's forward)."""
-        return self.original(hidden_states, *args, **kwargs)
-
-    def _reused(self, hidden_states, args, kwargs):
-        """The output tensor through the unit protocol."""
-        frames = self._frames(args, kwargs)
-
-        def branch_and_output():
-            object.__setattr__(self, "_capturing", True)
-            try:
-                out = self._output(hidden_states, args, kwargs)
-            finally:
-                object.__setattr__(self, "_capturing", False)
-            branch = self._branch(self._captured, hidden_states, frames)
-            object.__setattr__(self, "_captured", None)
-            return out, branch
-
-        # the frame count is part of the signature: (batch * frames) alone does not fix the layout
-        return self.cached(signature(hidden_states) + (frames,), branch_and_output,
-                           lambda branch: hidden_states + branch)
-
-
-def _frames_to_batch(projected, hidden_states, frames):
-    """(batch * H * W, frames, C) -> (batch * frames, C, H, W), as diffusers' temporal
-    transformers lay proj_out's output out (the same as AnimateDiff's motion modules)."""
-    bf, c, h, w = hidden_states.shape
-    return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
-            .contiguous().reshape(bf, c, h, w))
+from .units import _ResidualBranch, _Wrapper, frames_to_batch
 
 
 class _ReturnsTuple(_ResidualBranch):
@@ -124,7 +50,7 @@ class ReusedTemporalTransformer(_ReturnsTuple):
         return int(kwargs["num_frames"] if "num_frames" in kwargs else args[3] if len(args) > 3 else 1)
 
     def _branch(self, projected, hidden_states, frames):
-        return _frames_to_batch(projected, hidden_states, frames)
+        return frames_to_batch(projected, hidden_states, frames)
 
 
 class ReusedSpatioTemporalTransformer(_ReturnsTuple):
