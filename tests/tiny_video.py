@@ -210,15 +210,7 @@ def animatediff_pipeline(seed: int = 0, unet=None, scheduler=None, levels: int =
     """
     from diffusers import AnimateDiffPipeline
 
-    adapter = motion_adapter(seed + 1, levels=levels)
-    pipe = AnimateDiffPipeline(
-        vae=vae(seed), text_encoder=None, tokenizer=None,
-        unet=unet if unet is not None else motion_unet(seed, levels=levels),
-        motion_adapter=adapter, scheduler=scheduler or ddim(),
-        feature_extractor=None, image_encoder=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _animatediff(AnimateDiffPipeline, seed, unet, scheduler, levels)
 
 
 def animatediff_v2v_pipeline(seed: int = 0, unet=None, scheduler=None, levels: int = 3):
@@ -235,8 +227,12 @@ def animatediff_v2v_pipeline(seed: int = 0, unet=None, scheduler=None, levels: i
     """
     from diffusers import AnimateDiffVideoToVideoPipeline
 
+    return _animatediff(AnimateDiffVideoToVideoPipeline, seed, unet, scheduler, levels)
+
+
+def _animatediff(cls, seed, unet, scheduler, levels):
     adapter = motion_adapter(seed + 1, levels=levels)
-    pipe = AnimateDiffVideoToVideoPipeline(
+    pipe = cls(
         vae=vae(seed), text_encoder=None, tokenizer=None,
         unet=unet if unet is not None else motion_unet(seed, levels=levels),
         motion_adapter=adapter, scheduler=scheduler or ddim(),
