@@ -129,7 +129,7 @@ if triton_available():
 # device fault, not a kernel that cannot run here: it raises KernelError (state may be partial).
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv")
+OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv", "skip_conv_temporal")
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -426,3 +426,16 @@ def skip_conv(x, x_ref, z, weight, bias, *, tile: int, threshold: float, padding
             _proven.add(signature)
     _count(op, "triton")
     return z, x_ref, active, affected
+
+
+def skip_conv_temporal(x, x_ref, z, weight, bias, *, tile: int, threshold: float, backend: str = "auto", conv=None):
+    """One Skip-Convolution step of a (kt, 1, 1) convolution over frames on (N, C, F, H, W)
+    (kernels/skip_conv.py: skip_conv_temporal_reference): (output, new x_ref, active, affected), out of
+    place. PyTorch on every backend (there is no Triton kernel for it); said once when Triton was asked."""
+    if use_triton(backend, x):
+        _warn_once("skip_conv_temporal", "frkern: SkipConv's temporal (3, 1, 1) convolutions run the PyTorch "
+                   "reference (gated, same values): there is no Triton kernel for them")
+    out = _sc.skip_conv_temporal_reference(x, x_ref, z, weight, bias, tile, threshold, conv=conv)
+    if not torch.compiler.is_compiling():
+        _count("skip_conv_temporal", "torch")
+    return out

@@ -9,7 +9,8 @@ One step with a new input x:
   the others keep z. So z == conv(x_ref) after every step: no drift.
 
 skip_conv_reference is the plain-PyTorch statement of the values (dense conv + torch.where,
-out-of-place). skip_conv_triton computes the same step in place (x_ref and z are updated) with
+out-of-place); skip_conv_temporal_reference is the same for video UNets' (3, 1, 1) convolutions over
+frames (each frame gated as an image, the recomputed tiles dilated over frames; PyTorch only). skip_conv_triton computes the same step in place (x_ref and z are updated) with
 three launches whose grids depend on shapes only (CUDA-graph capturable, no host sync):
 1. gate sums: per (image, tile, channel chunk) fp32 sums of sum_c |x - x_ref| and of sum_c |x_ref|;
 2. gate decide: each (image, tile, channel chunk) program reduces its image's ref sums (same
@@ -80,8 +81,50 @@ def skip_conv_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, 
     return out, x_ref, active, affected
 
 
+def check_skip_conv_temporal_args(x, x_ref, z, weight, tile: int, threshold: float) -> None:
+    if x.dim() != 5 or x.shape != x_ref.shape:
+        raise ValueError(f"skip_conv_temporal: x and x_ref must be (N, C, frames, H, W) of one shape, got "
+                         f"{tuple(x.shape)} and {tuple(x_ref.shape)}")
+    if weight.dim() != 5 or tuple(weight.shape[-2:]) != (1, 1) or weight.shape[2] not in (1, 3):
+        raise ValueError(f"skip_conv_temporal: supports (3, 1, 1) and (1, 1, 1) kernels, got {tuple(weight.shape[2:])}")
+    if z.shape[:1] + z.shape[2:] != x.shape[:1] + x.shape[2:] or z.shape[1] != weight.shape[0]:
+        raise ValueError(f"skip_conv_temporal: z has shape {tuple(z.shape)}, expected "
+                         f"({x.shape[0]}, {weight.shape[0]}, {', '.join(map(str, x.shape[2:]))})")
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"skip_conv_temporal: tile must be an int >= 1, got {tile!r}")
+    if not threshold >= 0:
+        raise ValueError(f"skip_conv_temporal: threshold must be >= 0, got {threshold!r}")
+
+
+def skip_conv_temporal_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, conv=None):
+    """One step of a temporal convolution over frames ((kt, 1, 1) kernel, padding (kt // 2, 0, 0),
+    stride 1: video UNets' temporal ResNets and temporal conv layers) on (N, C, F, H, W).
+
+    Each frame is gated as skip_conv_reference gates an image (its own tiles and scale); x_ref takes
+    x on active tiles; an output tile is recomputed when an active tile at the same place lies
+    within kt // 2 frames (the receptive field: one pixel, kt frames). Returns (output, new x_ref,
+    active, affected), masks (N, 1, F, ceil(H/B), ceil(W/B)) bool; out of place. No Triton
+    kernel: the 2-D kernel's tiles do not span frames."""
+    check_skip_conv_temporal_args(x, x_ref, z, weight, tile, threshold)
+    n, _, f, h, w = x.shape
+    kt = weight.shape[2]
+    frames = lambda t: t.transpose(1, 2).flatten(0, 1)  # (N, C, F, H, W) -> (N * F, C, H, W)
+    change = (frames(x) - frames(x_ref)).abs().sum(1, keepdim=True, dtype=torch.float32)
+    scale = frames(x_ref).abs().sum(1, keepdim=True, dtype=torch.float32).mean((2, 3), keepdim=True)
+    active = F.avg_pool2d(change, tile, ceil_mode=True) > threshold * scale  # (N * F, 1, TH, TW)
+    active = active.reshape(n, f, 1, *active.shape[2:]).transpose(1, 2)  # (N, 1, F, TH, TW)
+    px = lambda m: m.repeat_interleave(tile, 3).repeat_interleave(tile, 4)[..., :h, :w]
+    x_ref = torch.where(px(active), x, x_ref)
+    affected = F.max_pool3d(active.to(torch.float32), (kt, 1, 1), stride=1, padding=(kt // 2, 0, 0)) > 0
+    dense = F.conv3d(x_ref, weight, bias, padding=(kt // 2, 0, 0)) if conv is None else conv(x_ref)
+    return torch.where(px(affected), dense, z), x_ref, active, affected
+
+
 def affected_pixel_fraction(affected: torch.Tensor, tile: int, h: int, w: int) -> torch.Tensor:
-    """Fraction of output pixels recomputed (border tiles count by their real size)."""
+    """Fraction of output pixels recomputed (border tiles count by their real size); a temporal
+    mask (N, 1, F, TH, TW) counts every frame."""
+    if affected.dim() == 5:
+        affected = affected.transpose(1, 2).flatten(0, 1)
     return _tiles_to_pixels(affected, tile, h, w).float().mean()
 
 
