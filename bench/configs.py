@@ -50,6 +50,16 @@ VIDEO_CONFIGS = {
                   down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
                   up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"), cross_attention_dim=32,
                   attention_head_dim=8, norm_num_groups=8)),
+    # Stable Video Diffusion: sample (batch, frames, 4 noise + 4 image-latent channels, H, W), one
+    # image-embedding token for text, added_time_ids (fps - 1, motion bucket, noise augmentation)
+    "svd": dict(
+        model="UNetSpatioTemporalConditionModel", frames=8, text_per_frame=False, image_channels=4,
+        unet=dict(sample_size=16, in_channels=8, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                  down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+                  up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+                  num_attention_heads=(2, 4), cross_attention_dim=32, addition_time_embed_dim=8,
+                  projection_class_embeddings_input_dim=24, num_frames=8)),
 }
 # text length, pooled width (SDXL) per config
-TEXT = {"sd15": (77, None), "sdxl": (77, 1280), "small": (16, None), "animatediff": (16, None), "t2v": (16, None)}
+TEXT = {"sd15": (77, None), "sdxl": (77, 1280), "small": (16, None), "animatediff": (16, None), "t2v": (16, None),
+        "svd": (1, None)}

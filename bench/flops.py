@@ -47,7 +47,7 @@ def skipped_conv_flops(handle):
     skipped = [0.0]
     gates = handle.installation.gates if handle is not None else []
     # A gate is not a module: account after each call of the ResNet wrapper that calls it.
-    parents = {id(p): p for p in (handle.unet.get_submodule(g.unit.rpartition(".")[0]) for g in gates)}
+    parents = {id(g.owner): g.owner for g in gates}
 
     def hook(parent, args, out):
         for gate in parent.gates.values():

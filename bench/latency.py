@@ -108,8 +108,10 @@ def parser():
     ap = new_parser(__doc__, epilog=GRAMMAR)
     ap.add_argument("--config", default="tiny", choices=["tiny", "dry"] + sorted(CONFIGS) + sorted(VIDEO_CONFIGS),
                     help="tiny: the trained model in bench/assets (real weights); dry: a minimal SD layout for dry "
-                         "runs (timings mean nothing); animatediff, t2v: small video UNets (UNetMotionModel, "
-                         "UNet3DConditionModel; random weights, 8 frames); others: real layouts, random weights")
+                         "runs (timings mean nothing); animatediff, t2v, svd: small video UNets (UNetMotionModel, "
+                         "UNet3DConditionModel, UNetSpatioTemporalConditionModel; random weights, 8 frames; svd "
+                         "with image latents and added_time_ids as its pipeline passes them, through the same "
+                         "CFG DDIM loop); others: real layouts, random weights")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps per generation")
     ap.add_argument("--batch", type=int, default=1, help="images per generation (the UNet sees 2x: CFG)")
     ap.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
@@ -291,6 +293,8 @@ def build_unet(config: str, dtype, device):
 
 
 def make_inputs(config, unet, batch, dtype, device, seed=0):
+    """(latents, text states for the CFG-doubled batch, extra UNet kwargs, condition): condition is
+    None, or what is concatenated to every call's sample along its channels (SVD's image latents)."""
     g = torch.Generator().manual_seed(seed)
     size = unet.config.sample_size
     if config == "tiny":  # real conditioning: class tokens of random classes, null tokens for CFG
@@ -299,9 +303,11 @@ def make_inputs(config, unet, batch, dtype, device, seed=0):
         tokens = load(device=device, dtype=dtype)[1]
         labels = torch.randint(0, tokens.num_classes, (batch,), generator=g).to(device)
         ehs = torch.cat([tokens(torch.full_like(labels, tokens.num_classes)), tokens(labels)])
-        return torch.randn(batch, 3, size, size, generator=g).to(device, dtype), ehs, {}
+        return torch.randn(batch, 3, size, size, generator=g).to(device, dtype), ehs, {}, None
     text_len, pooled = DRY_TEXT if config == "dry" else TEXT[config]
     video = VIDEO_CONFIGS.get(config)
+    if video and video["model"] == "UNetSpatioTemporalConditionModel":
+        return svd_inputs(video, unet, batch, dtype, device, g)
     frames = (video["frames"],) if video else ()  # video latents: (batch, C, frames, H, W)
     latents = torch.randn(batch, unet.config.in_channels, *frames, size, size, generator=g).to(device, dtype)
     ehs = torch.randn(2 * batch, text_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
@@ -314,7 +320,21 @@ def make_inputs(config, unet, batch, dtype, device, seed=0):
             "text_embeds": torch.randn(2 * batch, pooled, generator=g).to(device, dtype),
             "time_ids": torch.tensor([[px, px, 0, 0, px, px]] * (2 * batch), device=device, dtype=dtype),
         }
-    return latents, ehs, kw
+    return latents, ehs, kw, None
+
+
+def svd_inputs(video, unet, batch, dtype, device, g):
+    """As StableVideoDiffusionPipeline passes them: latents (batch, frames, 4, H, W); the image's
+    latents repeated over frames as the condition and its embedding as the one text token, both
+    zero in the unconditional half; added_time_ids (fps - 1 = 6, motion bucket 127, noise aug 0.02)."""
+    f, size, c = video["frames"], unet.config.sample_size, video["image_channels"]
+    latents = torch.randn(batch, f, unet.config.out_channels, size, size, generator=g).to(device, dtype)
+    image = torch.randn(batch, 1, c, size, size, generator=g).expand(batch, f, c, size, size)
+    embedding = torch.randn(batch, 1, unet.config.cross_attention_dim, generator=g)
+    condition = torch.cat([torch.zeros_like(image), image]).to(device, dtype)
+    ehs = torch.cat([torch.zeros_like(embedding), embedding]).to(device, dtype)
+    time_ids = torch.tensor([[6.0, 127.0, 0.02]] * (2 * batch), device=device, dtype=dtype)
+    return latents, ehs, {"added_time_ids": time_ids}, condition
 
 
 def scheduler():
@@ -446,18 +466,22 @@ class Workload:
     latents: torch.Tensor
     ehs: torch.Tensor
     kw: dict
+    condition: torch.Tensor | None  # concatenated to every call's sample along channels (SVD), or None
     steps: int
     x_ref: torch.Tensor | None = None  # final latents of full compute (diffusers eager)
 
     def __post_init__(self):  # the single-call timings: the CFG-doubled batch at t = 500
-        self.call_args = ((torch.cat([self.latents, self.latents]), torch.tensor(500, device=self.latents.device),
-                           self.ehs), self.kw)
+        self.call_args = ((self.model_input(torch.cat([self.latents, self.latents])),
+                           torch.tensor(500, device=self.latents.device), self.ehs), self.kw)
         self.sampler = make_sampler(self.steps, self.latents.device)
+
+    def model_input(self, x):
+        return x if self.condition is None else torch.cat([x, self.condition], dim=2)
 
     def generate(self, model, handle=None):
         """Final latents of the CFG DDIM loop through `model` (a UNet, or called like one)."""
-        return sample_loop(lambda x, t, e, **k: model(x, t, e, **k).sample, self.latents, self.ehs, self.kw,
-                           self.sampler, handle, GUIDANCE)
+        return sample_loop(lambda x, t, e, **k: model(self.model_input(x), t, e, **k).sample, self.latents,
+                           self.ehs, self.kw, self.sampler, handle, GUIDANCE)
 
     def call(self, model):
         return model(*self.call_args[0], **self.call_args[1])

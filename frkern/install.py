@@ -117,25 +117,35 @@ def _check_adaptor_steps(config, num_steps: int) -> None:
 
 
 def gated_convs(target: Target, plan: Plan, policy: SkipConv) -> None:
-    """Every convolution of the map's gated_convs, called through a Skip-Convolution gate by its
-    parent's wrapper."""
-    from .units import gated_conv_supported
+    """Every convolution of the map's gated_convs, called through a Skip-Convolution gate by the
+    wrapper of the nearest unit above it (swapped in for that, caching nothing)."""
+    from .units import GATED_CONVS, gated_conv_supported
 
     model, parts = target.model, target.parts
     bad = []
     for path in parts.gated_convs:
-        parent, _, child = path.rpartition(".")
-        kind = parts.units.get(parent)
-        if kind is None or child not in target.family.wrappers[kind].gated_children:
-            raise ValueError(f"frkern.patch: {policy.name} cannot gate {path}: its parent is not a wrapper that "
+        unit, child = _gating_unit(parts, path)
+        if unit is None or child not in target.family.wrappers[parts.units[unit]].gated_children:
+            raise ValueError(f"frkern.patch: {policy.name} cannot gate {path}: no unit above it is a wrapper that "
                              "calls it through a gate")
         if not gated_conv_supported(model.get_submodule(path)):
             bad.append(f"{path} ({model.get_submodule(path)})")
+        plan.units.setdefault(unit, False)  # its wrapper calls it through the gate: swapped in, caching nothing
     if bad:
-        raise ValueError(f"frkern.patch: {policy.name} gates stride-1 3x3 (padding 1) or 1x1 nn.Conv2d only; "
-                         f"these are not: {'; '.join(bad)}")
+        raise ValueError(f"frkern.patch: {policy.name} gates {GATED_CONVS} only; these are not: {'; '.join(bad)}")
     plan.gated = list(parts.gated_convs)
     plan.gate_options = dict(tile=policy.tile, threshold=float(policy.threshold))
+
+
+def _gating_unit(parts, path: str) -> tuple[str | None, str]:
+    """(the nearest unit above a gated convolution, the convolution's path below it)."""
+    head, rest = path, ""
+    while "." in head:
+        head, _, last = head.rpartition(".")
+        rest = f"{last}.{rest}" if rest else last
+        if head in parts.units:
+            return head, rest
+    return None, path
 
 
 def adaptive_probe(target: Target, plan: Plan, policy: Adaptive, cut: list[str] | None) -> None:
@@ -265,10 +275,10 @@ def install(target: Target, plan: Plan, runtime) -> Installation:
         else:
             make = CachedSegment
         swap(path, lambda m: make(m, runtime, path, True, backend))
-    for path in plan.gated:  # the convolution stays in the tree; its parent calls it through the gate
-        parent, name = _place(model, path)
+    for path in plan.gated:  # the convolution stays in the tree; its unit's wrapper calls it through the gate
+        unit, child = _gating_unit(target.parts, path)
         gate = ConvGate(runtime, path, backend, **plan.gate_options)
-        gate.attach(parent, name)
+        gate.attach(model.get_submodule(unit), child)
         inst.attached.append(gate)
         inst.gates.append(gate)
     for path in plan.probed:

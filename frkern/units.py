@@ -48,6 +48,7 @@ class _Wrapper(nn.Module):
         object.__setattr__(self, "runtime", runtime)
         # The wrapper's own attributes (set into its __dict__ so they are not forwarded).
         self.__dict__.update(unit=unit, cache_unit=cache_unit, backend=backend)
+        self.__dict__["gates"] = {}  # gated child path -> ConvGate (SkipConv): the child is called through it
         # The original's own dicts, not copies: one module tree, whoever changes it.
         for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             object.__setattr__(self, name, getattr(original, name))
@@ -93,6 +94,14 @@ class _Wrapper(nn.Module):
         self.original.training = mode
         return self
 
+    def _conv(self, path, x):
+        """The child convolution at `path` (one of gated_children) on x: whatever module is there now
+        (a peft LoRA layer injected before or after patching, a conv with diffusers' casting hooks),
+        through its gate when SkipConv gates it."""
+        module = self._modules[path] if "." not in path else self.get_submodule(path)
+        gate = self.gates.get(path)
+        return module(x) if gate is None else gate(module, x)
+
     def cached(self, sig, compute, reuse=None, update=None):
         """This unit's output through the runtime's unit protocol (see Runtime.unit), or simply
         computed when the policy caches nothing here."""
@@ -114,7 +123,6 @@ class ReusedResnetBlock2D(_Wrapper):
     def __init__(self, original, runtime, unit, cache_unit, backend):
         super().__init__(original, runtime, unit, cache_unit, backend)
         self.__dict__["silu"] = isinstance(original.nonlinearity, nn.SiLU)
-        self.__dict__["gates"] = {}  # child name -> ConvGate (SkipConv): the child is called through it
 
     def _norm_act(self, x, norm, add_channel=None):
         if self.silu:
@@ -122,13 +130,6 @@ class ReusedResnetBlock2D(_Wrapper):
         if add_channel is not None:
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
-
-    def _conv(self, name, x):
-        # whatever module is there now (a peft LoRA layer injected before or after patching, a
-        # conv with diffusers' casting hooks), through its gate when SkipConv gates it
-        module = self._modules[name]
-        gate = self.gates.get(name)
-        return module(x) if gate is None else gate(module, x)
 
     def forward(self, input_tensor, temb, *args, **kwargs):
         o = self.original  # its children are ours (shared dicts): whatever is in the tree now
@@ -343,16 +344,18 @@ def _base_conv(module: nn.Module) -> nn.Module:
 
 
 def _plain_conv(module: nn.Module) -> bool:
-    """A bare nn.Conv2d whose weights are what it computes with (no adapter, no hooks that cast or
+    """A bare nn.Conv2d / nn.Conv3d whose weights are what it computes with (no adapter, no hooks that cast or
     move them): the Triton step may read its weight and bias directly."""
-    return (type(module) is nn.Conv2d and "forward" not in module.__dict__ and not module._forward_hooks
+    return (type(module) in (nn.Conv2d, nn.Conv3d) and "forward" not in module.__dict__ and not module._forward_hooks
             and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks)
 
 
 class ConvGate:
     """Skip-Convolution (kernels/skip_conv.py, with an exact reference input) on whatever module sits
-    at one convolution's place: a 3x3 (padding 1) or 1x1 stride-1 nn.Conv2d, a peft LoRA layer around
+    at one convolution's place: a 3x3 (padding 1) or 1x1 stride-1 nn.Conv2d, a (3, 1, 1) (padding
+    (1, 0, 0)) or (1, 1, 1) nn.Conv3d over frames (video UNets' temporal convolutions: each frame gated
+    as an image, recomputed tiles dilated over the frames the kernel spans), a peft LoRA layer around
     one (added before or after patching), or one with diffusers' layerwise-casting hooks. It is not
     a module of the tree (so peft, casting and offloading hooks see the convolution itself); the
     parent wrapper calls the child through it. State (x_ref, z = module(x_ref), active tiles): a
@@ -381,6 +384,11 @@ class ConvGate:
         parent.gates.pop(name, None)
         self._place = None
 
+    @property
+    def owner(self) -> nn.Module | None:
+        """The wrapper that calls the convolution through this gate (None once detached)."""
+        return self._place[0] if self._place else None
+
     def __repr__(self) -> str:
         return f"ConvGate(unit={self.unit!r}, tile={self.tile}, threshold={self.threshold})"
 
@@ -388,22 +396,32 @@ class ConvGate:
         if module is not self._checked:  # replaced since (an adapter injected or unloaded)
             if not gated_conv_supported(module):
                 raise ValueError(f"frkern: {self.unit} is now {module}, which SkipConv cannot gate "
-                                 "(a stride-1 3x3 padding-1 or 1x1 nn.Conv2d, or an adapter layer around one)")
+                                 f"({GATED_CONVS}, or an adapter layer around one)")
             self._checked = module
         conv = _base_conv(module)
         self.last_active = self.last_affected = None
+        temporal = isinstance(conv, nn.Conv3d)
 
         def dense():
             z = module(x)
             # the same state structure as a step's (CUDA graphs read it leaf by leaf); x_ref is our
             # own copy, not the caller's tensor: the Triton step updates x_ref (and z) in place
-            n, _, h, w = x.shape
-            none_active = torch.zeros(n, 1, -(-h // self.tile), -(-w // self.tile), dtype=torch.bool, device=x.device)
+            *lead, h, w = x.shape
+            none_active = torch.zeros(lead[0], 1, *lead[2:], -(-h // self.tile), -(-w // self.tile),
+                                      dtype=torch.bool, device=x.device)
             return z, (x.clone(), z, none_active)
 
         def step(state):
             x_ref, z, _ = state
             fn = None if _plain_conv(module) else module
+            if temporal:
+                out, x_ref, active, affected = ops.skip_conv_temporal(
+                    x, x_ref, z, conv.weight, conv.bias, tile=self.tile, threshold=self.threshold,
+                    backend=self.backend, conv=fn)
+                n, cin, f, h, w = x.shape
+                self.last_active, self.last_affected = active, affected
+                self.last_shape = (n * f, cin, conv.out_channels, conv.kernel_size[0], h, w)
+                return out, (x_ref, out, active)
             out, x_ref, active, affected = ops.skip_conv(x, x_ref, z, conv.weight, conv.bias, tile=self.tile,
                                                          threshold=self.threshold, padding=conv.padding,
                                                          backend=self.backend, conv=fn)
@@ -415,10 +433,17 @@ class ConvGate:
         return self.runtime.unit(self.unit, signature(x), dense, update=step)
 
 
+GATED_CONVS = ("a stride-1 3x3 (padding 1) or 1x1 nn.Conv2d, or a stride-1 (3, 1, 1) (padding (1, 0, 0)) or "
+               "(1, 1, 1) nn.Conv3d over frames")
+
+
 def gated_conv_supported(module: nn.Module) -> bool:
     conv = _base_conv(module)
-    if not isinstance(conv, nn.Conv2d):
+    if not isinstance(conv, (nn.Conv2d, nn.Conv3d)) or conv.groups != 1 or conv.padding_mode != "zeros":
         return False
     k = conv.kernel_size
-    return (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and k in ((3, 3), (1, 1)) and conv.padding == (k[0] // 2, k[1] // 2) and conv.padding_mode == "zeros")
+    if isinstance(conv, nn.Conv3d):
+        return (conv.stride == (1, 1, 1) and conv.dilation == (1, 1, 1) and k in ((3, 1, 1), (1, 1, 1))
+                and conv.padding == (k[0] // 2, 0, 0))
+    return (conv.stride == (1, 1) and conv.dilation == (1, 1)
+            and k in ((3, 3), (1, 1)) and conv.padding == (k[0] // 2, k[1] // 2))

@@ -92,10 +92,10 @@ class UNet3DFamily(UNetFamily):
     TemporalConvLayer's residual branch (conv4's output laid back out the same way); the GEGLUs
     (fused kernel, nothing cached). ControlNet residuals are added out of place.
 
-    SkipConv gates the ResNets' conv1/conv2 (2-D, frame by frame: exact). The temporal
-    convolutions (TemporalConvLayer's (3, 1, 1) Conv3d) are not gated: a temporal conv's output at
-    frame f reads frames f-1..f+1, so a gate would have to dilate its changed tiles over frames;
-    that is not done (they compute in full)."""
+    SkipConv gates the ResNets' conv1/conv2 (2-D, frame by frame) and the four (3, 1, 1) Conv3d of
+    every TemporalConvLayer. A temporal conv's output at (frame f, pixel p) reads frames f-1..f+1
+    at pixel p only: each frame is gated as an image, and an output tile is recomputed when the
+    same tile changed within one frame of it (kernels/skip_conv.py, skip_conv_temporal_reference)."""
 
     name = "UNet3DConditionModel"
     model_cls = UNet3DConditionModel
@@ -109,6 +109,11 @@ class UNet3DFamily(UNetFamily):
     wrappers = {"resnet": ReusedResnetBlock2D, "transformer": ReusedTransformer2D,
                 "temporal_transformer": ReusedTemporalTransformer, "temporal_conv": ReusedTemporalConv,
                 "geglu": FusedGEGLU}
+
+    def _gated_convs(self, model) -> tuple[str, ...]:
+        return super()._gated_convs(model) + tuple(
+            f"{name}.{seq}.{len(getattr(m, seq)) - 1}" for name, m in model.named_modules()
+            if isinstance(m, TemporalConvLayer) for seq in ("conv1", "conv2", "conv3", "conv4"))
 
     def mutates_outputs(self, call):
         # UNet3DConditionModel adds ControlNet residuals out of place (`res + residual`,
@@ -129,10 +134,10 @@ class SVDFamily(UNetFamily):
     (batch * frames, C, H, W)); the GEGLUs (fused kernel, nothing cached). Nothing is added to the
     blocks' outputs in place.
 
-    SkipConv gates the spatial ResNets' conv1/conv2 (2-D, frame by frame: exact). The temporal
-    ResNets' (3, 1, 1) convolutions are not gated: a temporal conv's output at frame f reads frames
-    f-1..f+1, so a gate would have to dilate its changed tiles over frames; that is not done (they
-    compute in full)."""
+    SkipConv gates the spatial ResNets' conv1/conv2 (2-D, frame by frame) and the temporal ResNets'
+    (3, 1, 1) conv1/conv2: a temporal conv's output at (frame f, pixel p) reads frames f-1..f+1 at
+    pixel p only, so each frame is gated as an image and an output tile is recomputed when the same
+    tile changed within one frame of it (kernels/skip_conv.py, skip_conv_temporal_reference)."""
 
     name = "UNetSpatioTemporalConditionModel"
     model_cls = UNetSpatioTemporalConditionModel
@@ -145,6 +150,11 @@ class SVDFamily(UNetFamily):
                   TransformerSpatioTemporalModel: "temporal_transformer", GEGLU: "geglu"}
     wrappers = {"resnet": ReusedResnetBlock2D, "temporal_resnet": ReusedTemporalResnetBlock,
                 "temporal_transformer": ReusedSpatioTemporalTransformer, "geglu": FusedGEGLU}
+
+    def _gated_convs(self, model) -> tuple[str, ...]:
+        return super()._gated_convs(model) + tuple(
+            f"{name}.{conv}" for name, m in model.named_modules() if isinstance(m, TemporalResnetBlock)
+            for conv in ("conv1", "conv2"))
 
     def mutates_outputs(self, call):
         return False  # no residuals are added to its blocks' outputs

@@ -75,6 +75,8 @@ class ReusedTemporalConv(_ResidualBranch):
     is the Conv3d's."""
 
     branch_child = "conv4"
+    # each Sequential's Conv3d (SkipConv gates them: the wrapper is swapped in to call them)
+    gated_children = ("conv1.2", "conv2.3", "conv3.3", "conv4.3")
 
     def _frames(self, args, kwargs) -> int:
         # forward(hidden_states, num_frames=1)
@@ -85,9 +87,23 @@ class ReusedTemporalConv(_ResidualBranch):
         return branch.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if not self.cache_unit:
-            return self.original(hidden_states, *args, **kwargs)
-        return self._reused(hidden_states, args, kwargs)
+        if self.cache_unit:
+            return self._reused(hidden_states, args, kwargs)
+        if self.gates:
+            return self._gated(hidden_states, self._frames(args, kwargs))
+        return self.original(hidden_states, *args, **kwargs)
+
+    def _gated(self, hidden_states, frames):
+        # diffusers' TemporalConvLayer.forward, each Sequential's convolution called through its gate
+        x = hidden_states[None, :].reshape((-1, frames) + hidden_states.shape[1:]).permute(0, 2, 1, 3, 4)
+        h = x
+        for name in ("conv1", "conv2", "conv3", "conv4"):
+            layers = list(self._modules[name])
+            for layer in layers[:-1]:
+                h = layer(h)
+            h = self._conv(f"{name}.{len(layers) - 1}", h)
+        h = x + h
+        return h.permute(0, 2, 1, 3, 4).reshape((h.shape[0] * h.shape[2], -1) + h.shape[3:])
 
 
 class ReusedTemporalResnetBlock(_Wrapper):
@@ -95,13 +111,14 @@ class ReusedTemporalResnetBlock(_Wrapper):
     with conv1's output, conv1(SiLU(norm1(x))), cached on keyframes and read on reuse steps; the
     rest is diffusers' op sequence, unchanged."""
 
-    swap_when_not_cached = False  # nothing fused: only there to cache
+    swap_when_not_cached = False  # nothing fused: only there to cache (or to gate its convolutions)
+    gated_children = ("conv1", "conv2")
 
     def forward(self, input_tensor, temb=None):
         o = self.original  # its children are ours (shared dicts): whatever is in the tree now
 
         def conv1_branch():
-            return self._modules["conv1"](o.nonlinearity(o.norm1(input_tensor)))
+            return self._conv("conv1", o.nonlinearity(o.norm1(input_tensor)))
 
         hidden_states = self.cached(signature(input_tensor), conv1_branch)
         if o.time_emb_proj is not None:
@@ -113,7 +130,7 @@ class ReusedTemporalResnetBlock(_Wrapper):
         hidden_states = o.norm2(hidden_states)
         hidden_states = o.nonlinearity(hidden_states)
         hidden_states = o.dropout(hidden_states)
-        hidden_states = self._modules["conv2"](hidden_states)
+        hidden_states = self._conv("conv2", hidden_states)
 
         if o.conv_shortcut is not None:
             input_tensor = o.conv_shortcut(input_tensor)

@@ -445,10 +445,11 @@ def test_a_generation_its_set_up_already_ran_needs_no_warm_up_on_a_cpu():
     assert ran == ["b", "c", "a", "a", "a"]
 
 
-@pytest.mark.parametrize("config", ["animatediff", "t2v"])
+@pytest.mark.parametrize("config", ["animatediff", "t2v", "svd"])
 def test_latency_harness_runs_the_video_families(config, tmp_path):
-    """--config animatediff / t2v: 5-D latents (batch, C, frames, H, W) through the same CFG DDIM
-    loop; the deepcache package's SD helper has no row there (it patches 2-D UNets only)."""
+    """--config animatediff / t2v / svd: 5-D latents (SVD's with its image latents concatenated) through
+    the same CFG DDIM loop; the deepcache package's SD helper has no row there (it patches 2-D UNets
+    only)."""
     import latency
 
     rows = latency.main(["--config", config, "--steps", "3", "--policies", "DeepCache:interval=2",

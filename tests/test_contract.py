@@ -4,8 +4,8 @@ CacheTesterMixin): one suite parametrised over families x policies instead of pe
 For each family (a tiny model of it) and each policy, on a hand-driven sequence of calls:
 - NoReuse is bit-identical to the unpatched model; unpatch restores the very modules;
 - each policy equals its independent statement (tests/reference_video.py, hook-based, on an
-  unpatched copy; the adaptive rule: test_adaptive.RuleStatement; SkipConv: the fp64 definition of
-  test_skip_conv.GatedConvHooks), step by step;
+  unpatched copy; the adaptive rule: test_adaptive.RuleStatement; SkipConv: the fp64 definition in
+  reference_skip_conv_video.VideoGatedConvHooks, 2-D and temporal convolutions), step by step;
 - CUDA graphs (emulated on a CPU) give what eager gives, bit for bit;
 - torch.compile of the patched model (a smaller model of each family, one mechanism each): no graph
   break, no recompile over generations.
@@ -26,7 +26,7 @@ from devices import EmulatedCapture
 from reference import lam
 from reference_video import ClockworkVideoHooks, DeepCacheVideoHooks, FRDiffVideoHooks
 from test_adaptive import RuleStatement
-from test_skip_conv import GatedConvHooks
+from reference_skip_conv_video import VideoGatedConvHooks
 from tiny import sd_inputs, sd_unet, sdxl_unet
 from tiny_video import motion_inputs, motion_unet, svd_inputs, svd_unet, unet3d, unet3d_inputs
 
@@ -200,7 +200,7 @@ def statement_outputs(name, policy, ref, kinds, seq):
     if name == "Clockwork":
         return segment_statement(ClockworkVideoHooks(ref, policy.levels), policy, ref, seq), 0, None
     if name == "SkipConv":
-        hooks = GatedConvHooks(ref, tile=policy.tile, threshold=policy.threshold)
+        hooks = VideoGatedConvHooks(ref, tile=policy.tile, threshold=policy.threshold)
         keys = keyframes_of(policy, len(seq))
         return run_plain(ref, seq, before=lambda i: setattr(hooks, "keyframe", i in keys)), 1e-5, None
     outs, statement = adaptive_statement(ref, kinds, policy, seq)

@@ -372,7 +372,11 @@ def test_parts_of_the_new_families():
     kinds3.remove()
     assert {p: k for p, k in parts.units.items() if k != "geglu"} == kinds3.units
     assert parts.units["transformer_in"] == "temporal_transformer" and "geglu" in parts.units.values()
-    assert len(parts.gated_convs) == 2 * sum(k == "resnet" for k in parts.units.values())
+    # every ResNet's conv1/conv2 and the Conv3d closing each of a temporal conv layer's four Sequentials
+    assert set(parts.gated_convs) == (
+        {f"{p}.{c}" for p, k in parts.units.items() if k == "resnet" for c in ("conv1", "conv2")}
+        | {f"{p}.conv1.2" for p, k in parts.units.items() if k == "temporal_conv"}
+        | {f"{p}.conv{i}.3" for p, k in parts.units.items() if k == "temporal_conv" for i in (2, 3, 4)})
 
     famv, unetv = frkern.find_model(tv.svd_pipeline())[:2]
     parts = famv.parts(unetv)
@@ -381,5 +385,8 @@ def test_parts_of_the_new_families():
     kindsv = FRDiffVideoHooks(unetv, kinds=FAMILIES["svd"][2])
     kindsv.remove()
     assert {p: k for p, k in parts.units.items() if k != "geglu"} == kindsv.units
-    assert all(c.endswith((".spatial_res_block.conv1", ".spatial_res_block.conv2")) for c in parts.gated_convs)
+    assert set(parts.gated_convs) == {f"{p}.{c}" for p, k in parts.units.items() if k in ("resnet", "temporal_resnet")
+                                      for c in ("conv1", "conv2")}
+    assert all(c.endswith((".spatial_res_block.conv1", ".spatial_res_block.conv2", ".temporal_res_block.conv1",
+                           ".temporal_res_block.conv2")) for c in parts.gated_convs)
     assert parts.text_dim == tv.SVD_IMAGE_DIM
