@@ -1,0 +1,180 @@
+"""Compressed feature cache: int8 / fp8 (e4m3) storage with float32 scales (issue: compressed cache).
+
+A cached tensor x (N, C, *rest) is viewed as (N, C, L), L = prod(rest), in row-major order.
+Scales: one per (n, c) ("channel") or per (n, c, group of `group_size` consecutive elements
+along L) ("group"); amax = max |x| over the group in float32; scale = amax / QMAX (int8: 127,
+fp8_e4m3: 448), 1 where amax == 0.
+- int8: q = clamp(round_half_even(x / scale), -127, 127);
+- fp8_e4m3: q = float8_e4m3fn(clamp(x / scale, -448, 448)) (round to nearest even);
+- decode: y = float32(q) * scale, in the requested dtype.
+Division and multiplication are float32 IEEE operations, so the reference and the kernels agree
+bit for bit where the hardware rounds as IEEE says (Triton: div_rn; rounding to an integer by
+adding and subtracting 1.5 * 2**23, exact for |y| <= 127).
+
+quantize_reference / dequantize_reference: plain PyTorch. quantize_triton: one program per
+scale group (a max pass, then a quantize pass over the same elements); dequantize_triton: one
+elementwise pass. Knows nothing of diffusers.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+QMAX = {"int8": 127.0, "fp8_e4m3": 448.0}
+STORAGE = {"int8": torch.int8, "fp8_e4m3": getattr(torch, "float8_e4m3fn", None)}
+GRANULARITIES = ("channel", "group")
+
+
+def check_quantize_args(x, fmt: str, scales: str, group_size: int) -> None:
+    if fmt not in QMAX:
+        raise ValueError(f"quant_cache: format {fmt!r} not supported; accepted: {', '.join(QMAX)}")
+    if STORAGE[fmt] is None:
+        raise ValueError(f"quant_cache: this torch build ({torch.__version__}) has no {fmt} dtype")
+    if scales not in GRANULARITIES:
+        raise ValueError(f"quant_cache: scales {scales!r} not supported; accepted: {', '.join(GRANULARITIES)}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"quant_cache: group_size must be an int >= 1, got {group_size!r}")
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 2:
+        desc = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"quant_cache: x must be a floating tensor (N, C, ...) of 2 or more dims, got {desc}")
+
+
+def _groups(length: int, scales: str, group_size: int) -> tuple[int, int]:
+    """(elements per group, groups per (n, c) row)."""
+    if scales == "channel":
+        return max(length, 1), 1
+    return group_size, -(-length // group_size)
+
+
+def quantize_reference(x, fmt: str, scales: str = "channel", group_size: int = 64):
+    """(q of x's shape in int8 / float8_e4m3fn, float32 scales (N, C, G))."""
+    check_quantize_args(x, fmt, scales, group_size)
+    n, c = x.shape[:2]
+    rows = x.reshape(n, c, -1).float()
+    length = rows.shape[-1]
+    gs, g = _groups(length, scales, group_size)
+    padded = torch.nn.functional.pad(rows, (0, gs * g - length))  # zeros do not change a max of |x|
+    amax = padded.reshape(n, c, g, gs).abs().amax(-1)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX[fmt])
+    y = rows / scale.repeat_interleave(gs, -1)[..., :length]
+    if fmt == "int8":
+        q = torch.round(y).clamp_(-127, 127).to(torch.int8)
+    else:
+        q = y.clamp(-448.0, 448.0).to(STORAGE[fmt])
+    return q.reshape(x.shape), scale
+
+
+def dequantize_reference(q, scale, dtype, group_size: int = 64):
+    """float32(q) * scale, in `dtype`, of q's shape."""
+    n, c = q.shape[:2]
+    rows = q.reshape(n, c, -1).float()
+    length = rows.shape[-1]
+    gs = max(length, 1) if scale.shape[-1] == 1 else group_size
+    return (rows * scale.repeat_interleave(gs, -1)[..., :length]).to(dtype).reshape(q.shape)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, q_ptr, s_ptr, L, GS, G, QMAX_: tl.constexpr, IS_INT8: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        pid = tl.program_id(0)  # (row, group) of the (N * C, G) scale grid
+        row = pid // G
+        start = (pid % G) * GS
+        end = tl.minimum(start + GS, L)
+        base = row.to(tl.int64) * L
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            v = tl.load(x_ptr + base + idx, mask=idx < end, other=0.0).to(tl.float32)
+            acc = tl.maximum(acc, tl.abs(v))
+        amax = tl.max(acc, axis=0)
+        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, QMAX_))
+        tl.store(s_ptr + pid, scale)
+        for off in range(start, end, BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            m = idx < end
+            v = tl.load(x_ptr + base + idx, mask=m, other=0.0).to(tl.float32)
+            y = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -QMAX_), QMAX_)
+            if IS_INT8:
+                y = (y + 12582912.0) - 12582912.0  # round half to even (1.5 * 2**23; |y| <= 127)
+                tl.store(q_ptr + base + idx, y.to(tl.int8), mask=m)
+            else:
+                tl.store(q_ptr + base + idx, _e4m3_bits(y), mask=m)
+
+    @triton.jit
+    def _e4m3_bits(y):
+        """float8_e4m3fn's bits of y (|y| <= 448), round to nearest even, subnormals kept: built
+        from the bits, not by a cast (Triton's interpreter casts neither to nearest even nor to
+        subnormals; the hardware's cvt.rn.satfinite does)."""
+        bits = y.to(tl.int32, bitcast=True)
+        sign = ((bits >> 24) & 0x80).to(tl.int32)
+        a = tl.abs(y)
+        e = tl.maximum(((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: 2**-6 steps
+        quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2**(e - 3): 3 mantissa bits
+        r = (a / quantum + 12582912.0) - 12582912.0  # exact division by a power of two, then round half even
+        return (sign | (((e + 7) << 3) + r.to(tl.int32) - 8)).to(tl.uint8)
+
+    @triton.jit
+    def _to_output(v, out_ty: tl.constexpr):
+        if out_ty == tl.bfloat16:  # round to nearest even by hand (the interpreter truncates)
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return v.to(out_ty)
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, s_ptr, y_ptr, total, L, GS, G, IS_FP8: tl.constexpr, BLOCK: tl.constexpr):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        m = idx < total
+        row = idx // L
+        g = (idx % L) // GS
+        s = tl.load(s_ptr + row * G + g, mask=m, other=1.0)
+        if IS_FP8:  # the bits of a float8_e4m3fn (stored as uint8): decoded by hand, as they are encoded
+            b = tl.load(q_ptr + idx, mask=m, other=0).to(tl.int32)
+            e = (b >> 3) & 0xF
+            mant = (b & 7).to(tl.float32)
+            mag = tl.where(e == 0, mant * 0.001953125,  # subnormal: m * 2**-9
+                           (8.0 + mant) * ((e + 117) << 23).to(tl.float32, bitcast=True))  # (8 + m) * 2**(e - 10)
+            v = tl.where((b & 0x80) != 0, -mag, mag)
+        else:
+            v = tl.load(q_ptr + idx, mask=m, other=0).to(tl.float32)
+        tl.store(y_ptr + idx, _to_output(v * s, y_ptr.dtype.element_ty), mask=m)
+
+
+def quantize_triton(x, fmt: str, scales: str = "channel", group_size: int = 64):
+    """quantize_reference's values, one Triton program per scale group."""
+    check_quantize_args(x, fmt, scales, group_size)
+    n, c = x.shape[:2]
+    xc = x.contiguous()
+    length = xc[0, 0].numel() if n * c else 0
+    gs, g = _groups(length, scales, group_size)
+    q = torch.empty(x.shape, dtype=torch.int8 if fmt == "int8" else torch.uint8, device=x.device)
+    scale = torch.empty(n, c, g, dtype=torch.float32, device=x.device)
+    if q.numel():
+        block = min(1024, triton.next_power_of_2(min(gs, length)))
+        _quantize_kernel[(n * c * g,)](xc, q, scale, length, gs, g, QMAX_=QMAX[fmt], IS_INT8=fmt == "int8",
+                                       BLOCK=block)
+    return q.view(STORAGE[fmt]), scale
+
+
+def dequantize_triton(q, scale, dtype, group_size: int = 64):
+    """dequantize_reference's values, one elementwise Triton pass."""
+    n, c = q.shape[:2]
+    qc = q.contiguous()
+    length = qc[0, 0].numel() if n * c else 0
+    g = scale.shape[-1]
+    gs = max(length, 1) if g == 1 else group_size
+    y = torch.empty(q.shape, dtype=dtype, device=q.device)
+    total = q.numel()
+    fp8 = q.dtype != torch.int8
+    if total:
+        block = 1024
+        _dequantize_kernel[(triton.cdiv(total, block),)](qc.view(torch.uint8) if fp8 else qc, scale.contiguous(), y,
+                                                          total, length, gs, g, IS_FP8=fp8, BLOCK=block)
+    return y
