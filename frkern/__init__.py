@@ -33,13 +33,14 @@ from .policies import (  # noqa: E402
     score_mix_lambda,
     SkipConv,
 )
+from .cache_format import CacheFormat  # noqa: E402
 from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
 from .family import FAMILIES, find_model, register_family  # noqa: E402
 from .install import INSTALLERS, register_installer  # noqa: E402
 from .ops import kernel_report  # noqa: E402
 
 __all__ = [
-    "patch", "unpatch", "Handle", "handle_of", "kernel_report",
+    "patch", "unpatch", "Handle", "handle_of", "kernel_report", "CacheFormat",
     "FAMILIES", "find_model", "register_family", "INSTALLERS", "register_installer",
     "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",

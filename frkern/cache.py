@@ -35,9 +35,13 @@ class _Entry:
 
 
 class FeatureCache:
-    def __init__(self):
+    """codec (frkern.cache_format.Codec, or None: stored as given): what is put is encoded, what is
+    read is decoded; the entries hold the encoded form."""
+
+    def __init__(self, codec=None):
         self._entries: dict[Hashable, _Entry] = {}
         self.generation = 0
+        self.codec = codec
 
     def new_generation(self) -> int:
         """Drop everything; reads from earlier generations are impossible from here on."""
@@ -46,20 +50,28 @@ class FeatureCache:
         return self.generation
 
     def put(self, key: Hashable, value: Any, sig: tuple) -> None:
-        self._entries[key] = _Entry(value, sig, self.generation)
+        self._entries[key] = _Entry(value if self.codec is None else self.codec.encode(value), sig, self.generation)
+
+    def _value(self, e: _Entry) -> Any:
+        return e.value if self.codec is None else self.codec.decode(e.value)
 
     def get(self, key: Hashable, sig: tuple) -> Any | None:
         e = self._entries.get(key)
         if e is None or e.generation != self.generation or e.sig != sig:
             return None
-        return e.value
+        return self._value(e)
 
-    def slot_view(self, slot) -> dict:
-        """unit -> (value, signature) of every current-generation entry of call slot `slot`."""
+    def has(self, key: Hashable, sig: tuple) -> bool:
+        e = self._entries.get(key)
+        return e is not None and e.generation == self.generation and e.sig == sig
+
+    def slot_view(self, slot, skip=()) -> dict:
+        """unit -> (value, signature) of every current-generation entry of call slot `slot`, but
+        the units in `skip`."""
         return {
-            key[1]: (e.value, e.sig)
+            key[1]: (self._value(e), e.sig)
             for key, e in self._entries.items()
-            if key[0] == slot and e.generation == self.generation
+            if key[0] == slot and e.generation == self.generation and key[1] not in skip
         }
 
     def drop_slot(self, slot, keep=()) -> None:

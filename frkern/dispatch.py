@@ -16,6 +16,7 @@ from torch import nn
 
 from . import ops
 from .cache import signature
+from .cache_format import CacheFormat, as_cache_format, check_device_support, codec_for
 from .executor import Executor
 from .family import Call, ModelFamily, find_model
 from .install import Installation, Plan, Target, install, prepare
@@ -37,14 +38,16 @@ class Handle:
     """What `frkern.patch` returns: step control for hand-written loops, stats, and unpatch."""
 
     def __init__(self, model: nn.Module, family: ModelFamily, policy: Policy, backend: str, cuda_graphs: bool,
-                 plan: Plan):
+                 plan: Plan, cache_format: CacheFormat | None = None):
         self.unet = model
         self.family = family
         self.policy = policy
         self.backend = backend
         self.cuda_graphs = cuda_graphs
+        self.cache_format = cache_format or CacheFormat()
         self.installation = Installation(plan)  # empty until patch installs the plan
-        self.runtime = Runtime(policy, model, caches=plan.caches, reuse_limit=plan.reuse_limit)
+        self.runtime = Runtime(policy, model, caches=plan.caches, reuse_limit=plan.reuse_limit,
+                               codec=codec_for(self.cache_format, backend))
         self.runtime.begin_checks.extend(plan.begin_checks)
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
@@ -70,7 +73,8 @@ class Handle:
         memo[id(self)] = new
         new.__dict__.update(
             unet=copy.deepcopy(self.unet, memo), family=self.family, policy=self.policy, backend=self.backend,
-            cuda_graphs=self.cuda_graphs, installation=copy.deepcopy(self.installation, memo),
+            cuda_graphs=self.cuda_graphs, cache_format=self.cache_format,
+            installation=copy.deepcopy(self.installation, memo),
             runtime=copy.deepcopy(self.runtime, memo), _pipelines=[], _trackers={},
             _own_forward=copy.deepcopy(self._own_forward, memo), executor=copy.deepcopy(self.executor, memo),
             _warned_untracked=False, active=self.active, indicator_reduction=None)
@@ -301,10 +305,14 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_graphs: bool = False) -> Handle:
+def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_graphs: bool = False,
+          cache=None) -> Handle:
     """Patch a model (or a pipeline holding one) in place with `policy`.
 
     backend: "auto" (Triton kernels on CUDA, PyTorch elsewhere), "torch" or "triton".
+    cache: how cached features are stored (frkern.cache_format): "model" (default, as computed),
+    "fp16", "bf16", "int8", "fp8_e4m3", or a frkern.CacheFormat (int8/fp8 scales per channel or
+    per group).
     With a pipeline, its scheduler is tracked: set_timesteps starts a generation, step advances.
     Patching a second pipeline that shares an already patched model (with the same settings)
     returns the existing handle and tracks that pipeline's scheduler too.
@@ -318,12 +326,14 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     ops.check_backend(backend)
     if not isinstance(cuda_graphs, bool):
         raise TypeError(f"frkern.patch: cuda_graphs must be a bool, got {cuda_graphs!r}")
+    cache_format = as_cache_format(cache)
     family, model, pipeline = find_model(target)
     if pipeline is not None and not (hasattr(pipeline, "scheduler") and hasattr(pipeline.scheduler, "step")):
         raise TypeError(f"frkern.patch: pipeline {type(pipeline).__name__} has no scheduler to track")
     existing: Handle | None = model.__dict__.get(_HANDLE_ATTR)
     if existing is not None:
-        if pipeline is not None and (existing.policy, existing.backend, existing.cuda_graphs) == (policy, backend, cuda_graphs):
+        if pipeline is not None and (existing.policy, existing.backend, existing.cuda_graphs, existing.cache_format) == (
+                policy, backend, cuda_graphs, cache_format):
             existing.track(pipeline)
             return existing
         raise RuntimeError(
@@ -342,10 +352,11 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     target_parts = Target(model, family, family.parts(model), backend)
     try:
         plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
+        _check_cache_format(cache_format, plan, model)
     except ValueError as e:  # name what was refused where
         raise ValueError(f"{e} [model family {family.name}, policy {policy.name}]") from None
 
-    handle = Handle(model, family, policy, backend, cuda_graphs, plan)
+    handle = Handle(model, family, policy, backend, cuda_graphs, plan, cache_format)
     handle.installation = install(target_parts, plan, handle.runtime)
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.
@@ -354,6 +365,18 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     handle.active = True
     handle.track(pipeline)
     return handle
+
+
+def _check_cache_format(fmt: CacheFormat, plan: Plan, model: nn.Module) -> None:
+    if fmt.exact:
+        return
+    if plan.gated:
+        raise ValueError(
+            f"frkern.patch: cache format {fmt.name!r} cannot hold SkipConv's state: its exactness rests on "
+            "z == conv(x_ref) after every step and on comparing each input with x_ref itself, so neither may be "
+            "rounded (its active-tile masks are already bits); use cache='model'")
+    param = next(model.parameters(), None)
+    check_device_support(fmt, param.device if param is not None else torch.device("cpu"))
 
 
 def unpatch(target) -> None:

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .kernels import geglu as _gg
+from .kernels import quant_cache as _qc
 from .kernels import group_norm as _gn
 from .kernels import score_mix as _sm
 from .kernels import skip_conv as _sc
@@ -129,7 +130,8 @@ if triton_available():
 # device fault, not a kernel that cannot run here: it raises KernelError (state may be partial).
 # ---------------------------------------------------------------------------------------------
 
-OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv", "skip_conv_temporal")
+OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv", "skip_conv_temporal", "quantize_cache",
+       "dequantize_cache")
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -439,3 +441,38 @@ def skip_conv_temporal(x, x_ref, z, weight, bias, *, tile: int, threshold: float
     if not torch.compiler.is_compiling():
         _count("skip_conv_temporal", "torch")
     return out
+
+
+def _cache_codec_op(op: str, triton_fn, reference_fn, t, args, backend: str):
+    """A cache codec kernel (kernels/quant_cache.py): Triton where the backend picks it; under "auto"
+    a Triton failure is said once and the reference (same values) runs."""
+    counting = not torch.compiler.is_compiling()
+    if use_triton(backend, t):
+        try:
+            out = triton_fn(*args)
+            if counting:
+                _count(op, "triton")
+            return out
+        except ValueError:
+            raise  # bad arguments: the reference would refuse them too
+        except Exception as e:  # noqa: BLE001
+            if backend != "auto":
+                raise
+            _warn_once(op + "_failed", f"frkern: the Triton {op} kernel failed ({type(e).__name__}: {e}); "
+                       "the PyTorch reference runs instead")
+    out = reference_fn(*args)
+    if counting:
+        _count(op, "torch")
+    return out
+
+
+def quantize_cache(x, fmt: str, scales: str, group_size: int, *, backend: str = "auto"):
+    """(q, float32 scales) of a cached tensor (kernels/quant_cache.py)."""
+    return _cache_codec_op("quantize_cache", _qc.quantize_triton, _qc.quantize_reference, x,
+                           (x, fmt, scales, group_size), backend)
+
+
+def dequantize_cache(q, scale, dtype, group_size: int, *, backend: str = "auto"):
+    """The cached tensor back in `dtype` (kernels/quant_cache.py)."""
+    return _cache_codec_op("dequantize_cache", _qc.dequantize_triton, _qc.dequantize_reference, q,
+                           (q, scale, dtype, group_size), backend)

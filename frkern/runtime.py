@@ -60,12 +60,13 @@ class Runtime:
     Reuse reads only what the same slot stored on its last keyframe.
     """
 
-    def __init__(self, policy: Policy, model: nn.Module, caches: bool = True, reuse_limit: int | None = None):
+    def __init__(self, policy: Policy, model: nn.Module, caches: bool = True, reuse_limit: int | None = None,
+                 codec=None):
         self.policy = policy  # its plan(step, num_steps) says what each call does
         # Is anything kept between calls (the installation's plan says)? If not, no step protocol.
         self.caches = caches
         self.reuse_limit = reuse_limit  # the longest run of reuse calls a decided plan may make
-        self.cache = FeatureCache()
+        self.cache = FeatureCache(codec)  # codec: the cache format's encoding (None: stored as computed)
         self.watch = WeightsWatch(model)
         self.num_steps: int | None = None
         self.step = 0
@@ -116,7 +117,8 @@ class Runtime:
     def __deepcopy__(self, memo):
         import copy
 
-        new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo), self.caches, self.reuse_limit)
+        new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo), self.caches, self.reuse_limit,
+                      self.cache.codec)
         new.begin_checks = list(self.begin_checks)
         memo[id(self)] = new
         return new
@@ -229,8 +231,7 @@ class Runtime:
     def probe_reads(self) -> None:
         """The slot's cached states, readable by the units (a reuse call; a probe compares the
         indicator with its state)."""
-        self.reads.update(self.cache.slot_view(self.slot))
-        self.reads.pop(EPS_UNIT, None)
+        self.reads.update(self.cache.slot_view(self.slot, skip=(EPS_UNIT,)))
 
     def resolve(self, plan: StepPlan, reuse: bool) -> StepPlan:
         """After a probe: the call's final plan. What the probe computed (its `writes`) becomes
@@ -246,7 +247,7 @@ class Runtime:
     def _can_reuse(self, call_sig: CallSignature, plan: StepPlan) -> bool:
         if self._key_sigs.get(self.slot) != call_sig:
             return False
-        if plan.mix < 1.0 and self.cache.get((self.slot, EPS_UNIT), call_sig) is None:
+        if plan.mix < 1.0 and not self.cache.has((self.slot, EPS_UNIT), call_sig):
             return False
         return True
 
