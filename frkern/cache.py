@@ -49,8 +49,10 @@ class FeatureCache:
         self.generation += 1
         return self.generation
 
-    def put(self, key: Hashable, value: Any, sig: tuple) -> None:
-        self._entries[key] = _Entry(value if self.codec is None else self.codec.encode(value), sig, self.generation)
+    def put(self, key: Hashable, value: Any, sig: tuple, memo: dict | None = None) -> None:
+        """memo: shared by the puts of one commit (see Codec.encode)."""
+        value = value if self.codec is None else self.codec.encode(value, memo)
+        self._entries[key] = _Entry(value, sig, self.generation)
 
     def _value(self, e: _Entry) -> Any:
         return e.value if self.codec is None else self.codec.decode(e.value)

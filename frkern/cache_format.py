@@ -120,23 +120,32 @@ class Codec:
     def _encodes(self, t: torch.Tensor) -> bool:
         return t.is_floating_point() and t.dim() >= 2 and t.dtype not in (torch.float64,)
 
-    def encode(self, value: Any) -> Any:
+    def encode(self, value: Any, memo: dict | None = None) -> Any:
+        """memo (id of a tensor -> its encoding): one tensor stored under several keys of one commit
+        (a block's output that is also its last skip connection) is encoded and stored once."""
+        memo = {} if memo is None else memo
         if isinstance(value, torch.Tensor):
             if not self._encodes(value):
                 return value
+            key = (id(value), value.data_ptr() if value.device.type != "meta" else None, tuple(value.shape))
+            if key in memo:
+                return memo[key][1]
             fmt = self.fmt
             if fmt.dtype in CAST:
-                return Encoded(value.to(CAST[fmt.dtype]), None, value.dtype)
-            q, scale = ops.quantize_cache(value, fmt.dtype, fmt.scales, fmt.group_size, backend=self.backend)
-            return Encoded(q, scale, value.dtype)
+                enc = Encoded(value.to(CAST[fmt.dtype]), None, value.dtype)
+            else:
+                q, scale = ops.quantize_cache(value, fmt.dtype, fmt.scales, fmt.group_size, backend=self.backend)
+                enc = Encoded(q, scale, value.dtype)
+            memo[key] = (value, enc)  # the tensor held too: its id stays its own while the memo lives
+            return enc
         if isinstance(value, Encoded):
             return value
         if isinstance(value, tuple):
-            return tuple(self.encode(v) for v in value)
+            return tuple(self.encode(v, memo) for v in value)
         if isinstance(value, list):
-            return [self.encode(v) for v in value]
+            return [self.encode(v, memo) for v in value]
         if isinstance(value, dict):
-            return {k: self.encode(v) for k, v in value.items()}
+            return {k: self.encode(v, memo) for k, v in value.items()}
         return value
 
     def decode(self, value: Any) -> Any:

@@ -132,6 +132,7 @@ if triton_available():
 
 OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv", "skip_conv_temporal", "quantize_cache",
        "dequantize_cache")
+TORCH_ONLY = ("skip_conv_temporal",)  # ops with no Triton kernel (counted on the torch side only)
 
 
 class KernelFallbackWarning(RuntimeWarning):

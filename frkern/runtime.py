@@ -255,13 +255,15 @@ class Runtime:
         if self.mode == FULL_MODE and plan.keyframe and self.caches:
             # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
             self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
+            memo = {}  # a tensor under two units is stored once (an encoded cache encodes it once)
             for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):
-                self.cache.put((self.slot, unit), value, sig)
+                self.cache.put((self.slot, unit), value, sig, memo)
             self._key_sigs[self.slot] = call_sig
             self._reuse_run[self.slot] = 0
         elif self.mode == REUSE_MODE:
+            memo = {}
             for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):  # stateful units moved on
-                self.cache.put((self.slot, unit), value, sig)
+                self.cache.put((self.slot, unit), value, sig, memo)
             self._reuse_run[self.slot] = self._reuse_run.get(self.slot, 0) + 1
         self.reads.clear()
         self.writes.clear()

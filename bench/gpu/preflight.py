@@ -100,9 +100,16 @@ def main(argv=None) -> int:
             outs[backend] = frkern.ops.skip_conv(x_new, x_ref, z, conv_w, conv_b, tile=4, threshold=0.05,
                                                  backend=backend)[0]
         close(outs["triton"], outs["torch"], "skip_conv")
+        for fmt in ("int8", "fp8_e4m3"):  # the compressed cache's codec (frkern.cache_format)
+            q, s = frkern.ops.quantize_cache(x, fmt, "group", 16, backend="triton")
+            q_ref, s_ref = frkern.ops.quantize_cache(x, fmt, "group", 16, backend="torch")
+            if not (torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)):
+                raise AssertionError(f"quantize_cache {fmt}: Triton differs from the reference")
+            close(frkern.ops.dequantize_cache(q, s, dtype, 16, backend="triton"), x, f"dequantize_cache {fmt}",
+                  tol=0.07 if fmt == "fp8_e4m3" else 0.01)
         report = frkern.ops.kernel_report()
         fallbacks = {op: r["fallbacks"] for op, r in report.items() if r["fallbacks"]}
-        missing = [op for op, r in report.items() if r["triton"] == 0]
+        missing = [op for op, r in report.items() if r["triton"] == 0 and op not in frkern.ops.TORCH_ONLY]
         if fallbacks or missing:
             raise RuntimeError(f"not on Triton: {missing}, fallbacks: {fallbacks}")
         return "(" + ", ".join(f"{op} {r['triton']}x" for op, r in report.items()) + " on Triton)"
