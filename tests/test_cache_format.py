@@ -21,6 +21,7 @@ from reference_quant import qdq_statement
 from reference_video import ClockworkVideoHooks, DeepCacheVideoHooks, FRDiffVideoHooks
 from test_adaptive import RuleStatement
 from test_contract import FAMILIES, STEPS, TOL, assert_close, calls, keyframes_of, run_patched, run_plain
+from devices import EmulatedCapture
 from reference import lam
 from tiny import sd_inputs
 
@@ -268,3 +269,23 @@ def test_a_copy_keeps_the_format_and_a_new_shape_is_never_read_stale():
 
 def rel_ok(a, b, tol=TOL):
     return ((a.double() - b.double()).norm() / b.double().norm()).item() <= tol
+
+
+@pytest.mark.parametrize("name", ["FRDiff-mix", "Adaptive-units"])
+def test_emulated_cuda_graphs_equal_eager_in_a_compressed_format(name):
+    """The codec runs on the host side of a call (commit after it, reads before it): the graphs'
+    replays read the decoded features as eager does (torch.compile traces the same network: the
+    codec is outside it as well)."""
+    make, inputs, _ = FAMILIES["sd"]
+    base = make()
+    seq = calls(base, inputs)
+    policy = POLICIES[name]
+    eager, graphed = copy.deepcopy(base), copy.deepcopy(base)
+    h_eager = frkern.patch(eager, policy, backend="torch", cache="int8")
+    h_graph = frkern.patch(graphed, policy, backend="torch", cache="int8", cuda_graphs=True)
+    h_graph.graphs.capture = EmulatedCapture()
+    for generation in range(2):
+        h_eager.begin(STEPS), h_graph.begin(STEPS)
+        assert_close(run_patched(graphed, h_graph, seq), run_patched(eager, h_eager, seq), 0, f"graphs {name}")
+        assert h_graph.stats == h_eager.stats
+    assert h_graph.graph_stats["replays"] > 0
