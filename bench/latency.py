@@ -20,8 +20,9 @@ every frkern row compiled; --compile-graph: only the torch.compile + CUDA graph 
 frkern NoReuse and every --policies spec, per --backends and --graphs (--no-frkern: none). Without
 --policies, one or two rows per policy kind (DEFAULT_POLICIES): FRDiff, the shipped Auto-FR
 schedule (Keyframes), Clockwork with the identity and the learned adaptor, DeepCache, Adaptive
-(calibrated accumulated rule, first-block rule) and SkipConv (whose PyTorch reference computes
-densely: its row has the FLOPs of a tile-predicated convolution and the time of dense compute).
+(calibrated accumulated rule, first-block rule), SkipConv (whose PyTorch reference computes
+densely: its row has the FLOPs of a tile-predicated convolution and the time of dense compute) and
+EncoderPropagation (the authors' key steps: 50 steps only).
 Every spec is parsed and its policy built before any work (grammar: --help).
 
 Threads: --threads (default 1 on a CPU: on a busy shared 2-core machine torch's default of 2 threads
@@ -95,7 +96,7 @@ DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3
                     "DeepCache:interval=3", "DeepCache:interval=5",
                     "@bench/results/adaptive_tiny_ddim50_clockwork.policy.json:threshold=0.06,warmup=2,max_reuse=4",
                     "Adaptive:threshold=0.04,reuse=clockwork,warmup=2,max_reuse=4",
-                    "SkipConv:threshold=0.05,tile=4"]
+                    "SkipConv:threshold=0.05,tile=4", "EncoderPropagation"]
 # Default --repeats: 10 on CUDA; on a CPU 3 (was 5 before the Auto-FR, adaptor, Adaptive and
 # SkipConv rows came: the default run stays within minutes on 2 cores).
 REPEATS = {"cuda": 10, "cpu": 3}

@@ -22,6 +22,7 @@ from .policies import (  # noqa: E402
     Adaptive,
     Clockwork,
     DeepCache,
+    EncoderPropagation,
     FRDiff,
     Keyframes,
     NoReuse,
@@ -42,7 +43,7 @@ from .ops import kernel_report  # noqa: E402
 __all__ = [
     "patch", "unpatch", "Handle", "handle_of", "kernel_report", "CacheFormat",
     "FAMILIES", "find_model", "register_family", "INSTALLERS", "register_installer",
-    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive",
+    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive", "EncoderPropagation",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]
 __version__ = "0.1.0"

@@ -20,8 +20,9 @@ from typing import Any, Callable
 from torch import nn
 
 from .family import ModelFamily, Parts
-from .policies import Adaptive, Clockwork, DeepCache, FRDiff, Keyframes, NoReuse, Policy, SkipConv
-from .segments import adaptive_gate, clockwork_cut, deepcache_cut
+from .policies import (Adaptive, Clockwork, DeepCache, EncoderPropagation, FRDiff, Keyframes, NoReuse, Policy,
+                       SkipConv)
+from .segments import adaptive_gate, clockwork_cut, deepcache_cut, encoder_cut
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,15 @@ def _deepcache(target, policy):
     plan = Plan()
     units(target, plan, cache=False)
     segment_cut(target, plan, deepcache_cut(target.parts, policy.branch))
+    return plan
+
+
+@register_installer(EncoderPropagation)
+def _encoder_propagation(target, policy):
+    plan = Plan()
+    units(target, plan, cache=False)
+    segment_cut(target, plan, encoder_cut(target.parts))
+    plan.begin_checks.append(policy.keys_for)  # a step count without key steps is refused at begin
     return plan
 
 

@@ -258,6 +258,58 @@ class SkipConv(Policy):
         return StepPlan(keyframe=False)
 
 
+# Faster Diffusion's key steps for 50-step Stable Diffusion: the step indices of its "50ls" mode, the
+# default of the authors' code (hutaiHang/Faster-Diffusion, utils_sd.py).
+FASTER_DIFFUSION_KEY_STEPS_50: tuple[int, ...] = (0, 1, 2, 3, 5, 10, 15, 25, 35)
+
+
+@dataclass(frozen=True)
+class EncoderPropagation(Policy):
+    """Faster Diffusion's encoder propagation (Li et al. 2023, arXiv 2312.09608).
+
+    Key steps run the whole UNet; every other step skips the encoder (conv_in, the down blocks, the
+    mid block) and reuses its outputs (the mid block's output and every skip connection) from the
+    last key step, and runs the decoder with its own timestep. Key steps: `key_steps` (step indices;
+    step 0 always), or every `interval`-th step, or, with neither, the authors' published set for
+    50-step Stable Diffusion (FASTER_DIFFUSION_KEY_STEPS_50; other step counts must say theirs).
+    """
+
+    key_steps: tuple[int, ...] = ()
+    interval: int = 0
+
+    name: ClassVar[str] = "EncoderPropagation"
+
+    def __post_init__(self):
+        value = self.key_steps
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+            raise ValueError(f"EncoderPropagation: key_steps must be a sequence of step indices (e.g. (0, 1, 2, 5)), "
+                             f"got {value!r}")
+        for k in value:
+            _check_int("each key step", k, 0, "EncoderPropagation")
+        _check_int("interval", self.interval, 0, "EncoderPropagation")
+        if self.key_steps and self.interval:
+            raise ValueError("EncoderPropagation: give key_steps or interval, not both")
+        keys = tuple(sorted(set(self.key_steps) | {0})) if self.key_steps else ()
+        object.__setattr__(self, "key_steps", keys)
+
+    def keys_for(self, num_steps: int) -> tuple[int, ...]:
+        """The key steps of a num_steps-step generation."""
+        if self.interval:
+            return tuple(range(0, num_steps, self.interval))
+        if self.key_steps:
+            return self.key_steps
+        if num_steps != 50:
+            raise ValueError(f"EncoderPropagation: the published key steps are for 50 steps, this generation has "
+                             f"{num_steps}; give key_steps=(...) or interval=k")
+        return FASTER_DIFFUSION_KEY_STEPS_50
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if step >= num_steps or step in self.keys_for(num_steps):
+            return FULL
+        return StepPlan(keyframe=False)
+
+
 ADAPTIVE_RULES = ("first_block", "accumulated")
 ADAPTIVE_REUSE = ("deepcache", "clockwork", "units")
 
@@ -332,10 +384,11 @@ class Adaptive(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {
-    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive)
+    cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive,
+                              EncoderPropagation)
 }
 
-AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive]
+AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive, EncoderPropagation]
 
 
 def policy_from_dict(data: dict) -> Policy:
@@ -354,7 +407,7 @@ def policy_from_dict(data: dict) -> Policy:
     unknown = set(args) - fields
     if unknown:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
-    for field in ("keyframes", "jumps"):
+    for field in ("keyframes", "jumps", "key_steps"):
         if field in args:
             if not isinstance(args[field], list):
                 raise ValueError(f"{kind}: {field} must be a JSON list of ints, got {args[field]!r}")

@@ -83,3 +83,13 @@ def adaptive_gate(parts: Parts, cut: list[str] | None) -> tuple[list[str], str]:
     else:
         first = len(parts.entry) + sum(len(layer) for layer in parts.levels[0].down_layers)
     return order[:first], order[first]
+
+
+def encoder_cut(parts: Parts) -> list[str]:
+    """Faster Diffusion's encoder: the entry modules (conv_in; UNet3D's transformer_in), every down
+    block and the mid block, cached whole. Their outputs (the mid block's and every skip
+    connection) are all the decoder reads of the sample; the time embedding is outside them."""
+    paths = list(parts.entry) + [level.down_block for level in parts.levels]
+    if parts.mid is not None:
+        paths.append(parts.mid)
+    return paths

@@ -339,8 +339,8 @@ def test_the_default_rows_cover_every_policy_kind():
     # at other step counts the default list leaves out what was made for 50 steps, and says so
     ap = latency.parser()
     usable, left_out = latency.frkern_specs(ap, ap.parse_args(["--steps", "4"]))
-    assert sorted(s.policy.name for s, _ in left_out) == ["Clockwork", "Keyframes"]
-    assert len(usable) == len(latency.DEFAULT_POLICIES) - 2 and all("50 steps" in why for _, why in left_out)
+    assert sorted(s.policy.name for s, _ in left_out) == ["Clockwork", "EncoderPropagation", "Keyframes"]
+    assert len(usable) == len(latency.DEFAULT_POLICIES) - 3 and all("50 steps" in why for _, why in left_out)
 
 
 def test_threads_are_set_for_the_run_and_restored(monkeypatch):

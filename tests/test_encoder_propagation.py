@@ -1,0 +1,89 @@
+"""frkern.EncoderPropagation (Faster Diffusion's encoder propagation) against the independent hook
+statement of tests/reference_encoder_propagation.py, step by step, bit for bit (torch backend):
+image and video families, the authors' 50-step key steps, uniform and explicit key steps; in a
+pipeline; and its refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import frkern
+from frkern.policies import FASTER_DIFFUSION_KEY_STEPS_50
+from reference_encoder_propagation import FASTER_DIFFUSION_SD50_KEYS, encoder_propagation_reference, uniform_keys
+from test_contract import FAMILIES, assert_close, run_patched
+from test_pipelines import generate
+from tiny import make_sd_pipeline, sd_prompt_kwargs
+
+
+def calls(base, inputs, steps, batch=2, seed=0):
+    kw = inputs(base, batch)
+    g = torch.Generator().manual_seed(seed)
+    x = kw.pop("sample")
+    out = []
+    for i in range(steps):
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+        out.append(dict(kw, sample=x.clone(), timestep=torch.tensor(980 - 19 * i)))
+    return out
+
+
+def test_the_published_key_steps_are_the_authors():
+    # two transcriptions of the authors' '50ls' list, one per side of the independence line
+    assert FASTER_DIFFUSION_KEY_STEPS_50 == FASTER_DIFFUSION_SD50_KEYS
+    plans = frkern.EncoderPropagation().schedule(50)
+    assert [i for i, p in enumerate(plans) if p.keyframe] == list(FASTER_DIFFUSION_SD50_KEYS)
+    assert [i for i, p in enumerate(frkern.EncoderPropagation(interval=4).schedule(10)) if p.keyframe] == \
+        list(uniform_keys(10, 4))
+
+
+@pytest.mark.parametrize("family, policy, steps", [
+    ("sd", frkern.EncoderPropagation(), 50),
+    ("sd", frkern.EncoderPropagation(interval=3), 7),
+    ("sdxl", frkern.EncoderPropagation(key_steps=(0, 1, 4)), 6),
+    ("svd", frkern.EncoderPropagation(interval=2), 5),
+    ("motion", frkern.EncoderPropagation(interval=3), 5),
+    ("unet3d", frkern.EncoderPropagation(key_steps=(2,)), 5),
+])
+def test_equals_the_hook_statement_step_by_step(family, policy, steps):
+    make, inputs, _ = FAMILIES[family]
+    base = make()
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    seq = calls(base, inputs, steps, batch=1 if steps > 10 else 2)
+    handle = frkern.patch(model, policy, backend="torch")
+    assert handle.installation.plan.segments[-1] == "mid_block"
+    handle.begin(steps)
+    got = run_patched(model, handle, seq)
+    keys = [i for i, p in enumerate(policy.schedule(steps)) if p.keyframe]
+    want = encoder_propagation_reference(ref, [dict(kw, return_dict=False) for kw in seq], keys)
+    assert_close(got, want, 0, f"{family} {policy}")
+    assert handle.stats == {"full": len(keys), "reuse": steps - len(keys)}, handle.stats
+
+
+def test_in_a_pipeline_and_the_default_key_steps_need_50_steps():
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    want = generate(pipe, prompt)
+    frkern.patch(pipe, frkern.EncoderPropagation(), backend="torch")
+    with pytest.raises(ValueError, match="published key steps are for 50 steps, this generation has 8"):
+        generate(pipe, prompt)  # refused when the generation begins: before any UNet call
+    frkern.unpatch(pipe)
+    assert torch.equal(generate(pipe, prompt), want)  # nothing left behind
+    handle = frkern.patch(pipe, frkern.EncoderPropagation(key_steps=(0, 1, 2, 5)), backend="torch")
+    out = generate(pipe, prompt)
+    assert handle.stats == {"full": 4, "reuse": 4}, handle.stats
+    assert torch.isfinite(out).all() and 0 < ((out - want).norm() / want.norm()).item() < 0.5
+    frkern.unpatch(pipe)
+    assert torch.equal(generate(pipe, prompt), want)
+
+
+def test_validation_and_json():
+    p = frkern.EncoderPropagation(key_steps=(5, 2))
+    assert p.key_steps == (0, 2, 5) and frkern.from_json(p.to_json()) == p
+    assert frkern.from_json(frkern.EncoderPropagation(interval=4).to_json()) == frkern.EncoderPropagation(interval=4)
+    for kwargs, match in [(dict(key_steps=(0, -1)), "each key step must be an int >= 0"),
+                          (dict(key_steps="0,1"), "key_steps must be a sequence"),
+                          (dict(interval=-1), "interval must be an int >= 0"),
+                          (dict(key_steps=(0, 3), interval=2), "give key_steps or interval, not both")]:
+        with pytest.raises(ValueError, match=match):
+            frkern.EncoderPropagation(**kwargs)
