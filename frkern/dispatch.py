@@ -20,7 +20,7 @@ from .cache_format import CacheFormat, as_cache_format, check_device_support, co
 from .executor import Executor
 from .family import Call, ModelFamily, find_model
 from .install import Installation, Plan, Target, install, prepare
-from .policies import NoReuse, Policy
+from .policies import POLICIES, NoReuse, Policy
 from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
 from . import unet2d as _unet2d, video as _video  # noqa: F401  (register the built-in families)
@@ -320,8 +320,7 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     policy = NoReuse() if policy is None else policy
     if not isinstance(policy, Policy):
         raise TypeError(
-            f"frkern.patch: policy must be a frkern policy (NoReuse, FRDiff, Keyframes, Clockwork, "
-            f"DeepCache, SkipConv, Adaptive), got {type(policy).__name__}"
+            f"frkern.patch: policy must be a frkern policy ({', '.join(POLICIES)}), got {type(policy).__name__}"
         )
     ops.check_backend(backend)
     if not isinstance(cuda_graphs, bool):
