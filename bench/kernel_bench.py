@@ -17,6 +17,13 @@ ms_gate: the gate alone; ms_dense: cuDNN F.conv2d on the whole map; dense_over_g
 affected_frac: the output tiles recomputed (active tiles dilated by the 3x3 receptive field: with
 scattered tiles, as drawn here, up to 9x the active fraction; 16x16 maps at tile 8 have 2x2 tiles,
 so any change recomputes them all).
+
+Cache codec rows (frkern.cache_format, kernels/quant_cache.py; the ResNet feature shapes above):
+ms_encode: quantize_triton (int8 / fp8_e4m3, per-channel scales: a max pass and a quantize pass
+over the tensor); ms_decode: dequantize_triton back to the model dtype; ms_copy: a plain copy of
+the fp16 tensor (what reading and writing it once costs: the floor a decode is compared with);
+bytes_ratio: encoded bytes (scales included) / the tensor's bytes; max_abs_err: the Triton decode vs
+the reference's (0: bit for bit); quant_err: the format's own rounding, max |decode - x|.
 """
 from __future__ import annotations
 
@@ -29,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from options import add_out, help_before_imports  # noqa: E402
 from options import parser as new_parser  # noqa: E402
 
-CASES = ("group_norm", "score_mix", "geglu", "skip_conv")
+CASES = ("group_norm", "score_mix", "geglu", "skip_conv", "quant_cache")
 
 
 def parser():
@@ -53,6 +60,8 @@ import torch.nn.functional as F  # noqa: E402
 # repository root: on sys.path that root would also expose kernels/ as a top-level `kernels` module.
 from frkern.kernels.geglu import geglu_reference, geglu_triton  # noqa: E402
 from frkern.kernels.group_norm import group_norm_act_reference, group_norm_act_triton  # noqa: E402
+from frkern.kernels.quant_cache import (dequantize_reference, dequantize_triton, quantize_reference,  # noqa: E402
+                                        quantize_triton)
 from frkern.kernels.score_mix import score_mix_reference, score_mix_triton  # noqa: E402
 from frkern.kernels.skip_conv import skip_conv_gate_triton, skip_conv_reference, skip_conv_triton  # noqa: E402
 
@@ -110,6 +119,7 @@ def main(argv=None):
         geglu_shapes = []
     if "skip_conv" not in args.cases:
         skip_shapes = []
+    quant_shapes = shapes if "quant_cache" in args.cases else []
     rows = []
     for name, B, C, H, W in shapes:
         for fmt in ("nchw", "channels_last"):
@@ -164,11 +174,16 @@ def main(argv=None):
             for frac in SKIP_FRACTIONS:
                 rows.append(skip_conv_case(name, B, C, H, W, tile, fmt, frac, dtype, args.dtype, device, bench))
                 print(rows[-1])
+    for name, B, C, H, W in quant_shapes:
+        for fmt in ("int8", "fp8_e4m3"):
+            rows.append(quant_cache_case(name, B, C, H, W, fmt, dtype, args.dtype, device, bench))
+            print(rows[-1])
     os.makedirs(args.out, exist_ok=True)
     dev = torch.cuda.get_device_name().replace(" ", "_") if device == "cuda" else "cpu"
     stem = os.path.join(args.out, f"kernels_{dev}_{args.dtype}")
     keys = ["shape", "format", "case", "dtype", "max_abs_err", "ms_fused", "ms_unfused", "speedup", "gbps_fused",
-            "active_frac", "affected_frac", "ms_gated", "ms_gate", "ms_dense", "dense_over_gated", "note"]
+            "active_frac", "affected_frac", "ms_gated", "ms_gate", "ms_dense", "dense_over_gated",
+            "ms_encode", "ms_decode", "ms_copy", "bytes_ratio", "quant_err", "note"]
     with open(stem + ".csv", "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=keys)
         wr.writeheader()
@@ -224,6 +239,28 @@ def skip_conv_case(name, B, C, H, W, tile, fmt, frac, dtype, dtype_name, device,
         t_gated, t_gate = bench(gated), bench(gate)
         t_dense = bench(lambda: F.conv2d(xs[0], weight, bias, padding=1))
     row.update(ms_gated=t_gated, ms_gate=t_gate, ms_dense=t_dense, dense_over_gated=t_dense / t_gated)
+    return row
+
+
+def quant_cache_case(name, B, C, H, W, fmt, dtype, dtype_name, device, bench):
+    """One cache codec row: the Triton encode and decode equal the reference bit for bit, then timed."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, C, H, W, generator=g).to(device, dtype)
+    row = dict(shape=name, format="nchw", case=f"cache {fmt} per-channel", dtype=dtype_name)
+    q, scale = quantize_triton(x, fmt)
+    q_ref, scale_ref = quantize_reference(x, fmt)
+    y = dequantize_triton(q, scale, dtype)
+    same = (torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
+            and torch.equal(y, dequantize_reference(q_ref, scale_ref, dtype)))
+    row.update(max_abs_err=(y.float() - dequantize_reference(q_ref, scale_ref, dtype).float()).abs().max().item(),
+               quant_err=(y.float() - x.float()).abs().max().item(),  # the format's rounding, not the kernel's
+               bytes_ratio=(q.numel() * q.element_size() + scale.numel() * 4) / (x.numel() * x.element_size()))
+    if not same:
+        row.update(note="not timed: the Triton codec differs from the reference")
+        return row
+    out = torch.empty_like(x)
+    row.update(ms_encode=bench(lambda: quantize_triton(x, fmt)), ms_decode=bench(lambda: dequantize_triton(q, scale, dtype)),
+               ms_copy=bench(lambda: out.copy_(x)))
     return row
 
 

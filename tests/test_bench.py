@@ -79,7 +79,11 @@ def test_kernel_bench_smoke(tmp_path):
     import kernel_bench
 
     rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 3 + 1 + 1 + 4  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU; skip conv x 4
+    assert len(rows) == 2 * 3 + 1 + 1 + 4 + 2  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU; skip conv x 4;
+    # the cache codec: int8 and fp8 (bit-identical to the reference, else "not timed")
+    codec = [r for r in rows if r["case"].startswith("cache ")]
+    assert [r["case"] for r in codec] == ["cache int8 per-channel", "cache fp8_e4m3 per-channel"]
+    assert all(r["bytes_ratio"] < 0.3 and r["ms_decode"] > 0 for r in codec)  # float32 in the smoke run
     skip = [r for r in rows if r["case"].startswith("skip conv")]
     assert [round(r["active_frac"] * 6) for r in skip] == [6, 3, 2, 1]  # of 6 tiles per image: as drawn
     assert all(r["affected_frac"] >= r["active_frac"] and r["dense_over_gated"] > 0 for r in skip)
