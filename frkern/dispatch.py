@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import ops
+from . import decode_ahead, ops
 from .cache import signature
 from .cache_format import CacheFormat, as_cache_format, check_device_support, codec_for
 from .executor import Executor
@@ -278,6 +278,21 @@ class Handle:
     def _abort(self):
         self.runtime.abort_call()
 
+    @torch.compiler.disable
+    def _decode_ahead(self, call):
+        """EncoderPropagation's parallel decoding (frkern.decode_ahead): this reuse call's output
+        if an earlier call computed it, or computed now with the next non-key steps' batched in;
+        None: run as usual. Eager under torch.compile (a batch of n steps is another shape)."""
+        out = decode_ahead.take(self, call)
+        if out is not None:
+            return out
+        scheduler = decode_ahead.scheduler_of(self)
+        if scheduler is None or not decode_ahead.can_batch(self, call):
+            self.runtime.stats["decoded_alone"] += 1
+            return None
+        n = decode_ahead.steps_ahead(self, self.installation.plan.decode_ahead)
+        return decode_ahead.run_batched(self, call, n, scheduler) if n > 1 else None
+
     @torch.compiler.disable(recursive=False)
     def forward(self, *args, **kwargs):
         call, return_dict = self.family.bind_call(args, kwargs)
@@ -286,7 +301,12 @@ class Handle:
         try:
             if self.runtime.mode == PROBE_MODE:
                 plan = self._probe(plan, call_sig, call)
-            if plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
+            ahead = None
+            if self.installation.plan.decode_ahead > 1 and self.runtime.mode == REUSE_MODE:
+                ahead = self._decode_ahead(call)
+            if ahead is not None:
+                out = ahead
+            elif plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)
             elif plan.runs_network:  # traced by torch.compile: the network is compiled, not this frame
                 out = self.family.run(self.executor.network, call)

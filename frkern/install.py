@@ -49,6 +49,7 @@ class Plan:
     probe_gate: str | None = None
     decider: Any = None  # the per-call decision of an adaptive policy (frkern.adaptive.Decider)
     keeps_keyframe_output: bool = False  # score mixing or reduced-NFE jumps need the keyframe's output
+    decode_ahead: int = 1  # reuse calls batched into one (EncoderPropagation's parallel decoding)
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
     begin_checks: list[Callable[[int], None]] = field(default_factory=list)
 
@@ -210,6 +211,7 @@ def _encoder_propagation(target, policy):
     units(target, plan, cache=False)
     segment_cut(target, plan, encoder_cut(target.parts))
     plan.begin_checks.append(policy.keys_for)  # a step count without key steps is refused at begin
+    plan.decode_ahead = policy.parallel
     return plan
 
 

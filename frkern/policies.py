@@ -272,10 +272,14 @@ class EncoderPropagation(Policy):
     last key step, and runs the decoder with its own timestep. Key steps: `key_steps` (step indices;
     step 0 always), or every `interval`-th step, or, with neither, the authors' published set for
     50-step Stable Diffusion (FASTER_DIFFUSION_KEY_STEPS_50; other step counts must say theirs).
+    parallel=k: the decoders of up to k consecutive non-key steps run as one batched call at the
+    first of them (their inputs are the cached encoder outputs and their own timesteps, known from
+    the tracked scheduler); the following calls return what it computed.
     """
 
     key_steps: tuple[int, ...] = ()
     interval: int = 0
+    parallel: int = 1
 
     name: ClassVar[str] = "EncoderPropagation"
 
@@ -287,6 +291,7 @@ class EncoderPropagation(Policy):
         for k in value:
             _check_int("each key step", k, 0, "EncoderPropagation")
         _check_int("interval", self.interval, 0, "EncoderPropagation")
+        _check_int("parallel", self.parallel, 1, "EncoderPropagation")
         if self.key_steps and self.interval:
             raise ValueError("EncoderPropagation: give key_steps or interval, not both")
         keys = tuple(sorted(set(self.key_steps) | {0})) if self.key_steps else ()

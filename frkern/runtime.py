@@ -92,6 +92,9 @@ class Runtime:
         # Does this call's forward change block outputs in place (family.mutates_outputs)? Cached
         # segments then hand out copies.
         self.outputs_mutated = False
+        # Outputs computed ahead (EncoderPropagation's parallel decoding): (slot, step) -> (output,
+        # what the later call must pass for it to apply); dropped with the generation.
+        self.ahead: dict = {}
         self.stats: collections.Counter = collections.Counter()
         self.stateful_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
@@ -140,6 +143,7 @@ class Runtime:
         for check in self.begin_checks:
             check(num_steps)
         self.cache.new_generation()
+        self.ahead.clear()
         self.watch.refresh()
         self._key_sigs.clear()
         self._reuse_run.clear()
@@ -174,6 +178,7 @@ class Runtime:
         """The generation's sampler has run its last step: later calls are outside it."""
         self.open = False
         self.cache.clear()  # nothing of it can be read again: free it
+        self.ahead.clear()
         self._key_sigs.clear()
         self._reuse_run.clear()
 
@@ -276,6 +281,7 @@ class Runtime:
         holds no memory; nothing half-written is ever reused). The generation stays open: a later
         call computes in full and starts caching again."""
         self.cache.clear()
+        self.ahead.clear()
         self._key_sigs.clear()
         self._reuse_run.clear()
         self.reads.clear()

@@ -80,10 +80,86 @@ def test_in_a_pipeline_and_the_default_key_steps_need_50_steps():
 def test_validation_and_json():
     p = frkern.EncoderPropagation(key_steps=(5, 2))
     assert p.key_steps == (0, 2, 5) and frkern.from_json(p.to_json()) == p
-    assert frkern.from_json(frkern.EncoderPropagation(interval=4).to_json()) == frkern.EncoderPropagation(interval=4)
+    assert frkern.from_json(frkern.EncoderPropagation(interval=4, parallel=3).to_json()) == \
+        frkern.EncoderPropagation(interval=4, parallel=3)
     for kwargs, match in [(dict(key_steps=(0, -1)), "each key step must be an int >= 0"),
                           (dict(key_steps="0,1"), "key_steps must be a sequence"),
                           (dict(interval=-1), "interval must be an int >= 0"),
-                          (dict(key_steps=(0, 3), interval=2), "give key_steps or interval, not both")]:
+                          (dict(key_steps=(0, 3), interval=2), "give key_steps or interval, not both"),
+                          (dict(parallel=0), "parallel must be an int >= 1")]:
         with pytest.raises(ValueError, match=match):
             frkern.EncoderPropagation(**kwargs)
+
+
+# --- parallel decoding ------------------------------------------------------------------------------
+def _parallel_runs(make_pipe, run, policy_kw, widths=(1, 3)):
+    pipe = make_pipe()
+    outs, stats = {}, {}
+    for k in widths:
+        handle = frkern.patch(pipe, frkern.EncoderPropagation(parallel=k, **policy_kw), backend="torch")
+        outs[k] = run(pipe)
+        stats[k] = dict(handle.stats)
+        frkern.unpatch(pipe)
+    return outs, stats
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "svd"])
+def test_parallel_decoding_equals_the_sequential_form(kind):
+    """Key steps 0, 1, 4 of 8 (SVD: 0, 3 of 4): the non-key runs [2, 3] and [5, 6, 7] decode at once
+    (width 3), so 3 calls return precomputed outputs; the latents equal the sequential run's within
+    fp32 rounding of the batched matmuls (rel 1e-5)."""
+    from test_video_families import _svd_run
+    import tiny_video as tv
+    from tiny import make_sdxl_pipeline, sdxl_prompt_kwargs
+
+    if kind == "svd":
+        outs, stats = _parallel_runs(tv.svd_pipeline, lambda p: _svd_run(p, 1), dict(key_steps=(0, 3)))
+        ahead = 1  # [1, 2]
+    else:
+        make, prompt = (make_sd_pipeline, sd_prompt_kwargs()) if kind == "sd" else (make_sdxl_pipeline,
+                                                                                   sdxl_prompt_kwargs())
+        outs, stats = _parallel_runs(make, lambda p: generate(p, prompt), dict(key_steps=(0, 1, 4)))
+        ahead = 3
+    assert stats[1].get("decoded_ahead", 0) == 0 and stats[3]["decoded_ahead"] == ahead, stats
+    assert {k: stats[3][k] for k in ("full", "reuse")} == {k: stats[1][k] for k in ("full", "reuse")}
+    assert torch.isfinite(outs[3]).all() and _rel(outs[3], outs[1]) <= 1e-5
+
+
+def test_parallel_decoding_drops_what_no_longer_applies():
+    """A callback swaps the text embeddings after step 5: the outputs batched at step 5 for steps 6
+    and 7 were made with the old ones, so they are dropped and step 6 computes anew; the result
+    equals the sequential run with the same callback (step 6 then decodes 6 and 7 at once again)."""
+    prompt = sd_prompt_kwargs()
+    swap = sd_prompt_kwargs(seed=9)["prompt_embeds"]
+
+    def callback(pipe, i, t, kw):
+        if i == 5:
+            return {"prompt_embeds": torch.cat([kw["prompt_embeds"][:1], swap])}
+        return {}
+
+    def run(pipe):
+        return generate(pipe, prompt, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+    outs, stats = _parallel_runs(make_sd_pipeline, run, dict(key_steps=(0, 1, 4)))
+    assert stats[3]["ahead_dropped"] == 1 and stats[3]["decoded_ahead"] == 1 + 2 + 1, stats
+    assert _rel(outs[3], outs[1]) <= 1e-5
+
+
+def test_parallel_decoding_in_a_hand_written_loop_runs_each_call_alone():
+    """Without a tracked scheduler frkern does not know the next timesteps: every reuse call runs on
+    its own (stats say so), bit-identical to parallel=1."""
+    make, inputs, _ = FAMILIES["sd"]
+    base = make()
+    seq = calls(base, inputs, 6)
+    outs = []
+    for k in (1, 3):
+        model = copy.deepcopy(base)
+        handle = frkern.patch(model, frkern.EncoderPropagation(interval=3, parallel=k), backend="torch")
+        handle.begin(6)
+        outs.append(run_patched(model, handle, seq))
+    assert handle.stats["decoded_alone"] == 4 and "decoded_ahead" not in handle.stats
+    assert_close(outs[1], outs[0], 0, "hand loop")
