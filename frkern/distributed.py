@@ -287,10 +287,11 @@ class CfgParallel:
                              "(CFG-parallel needs an even batch: guidance_scale > 1 doubles it)")
         half = n // 2
         lo = self.rank * half
-        local_args = _split(args, n, lo, half)
-        local_kwargs = _split(kwargs, n, lo, half)
-        local_kwargs["return_dict"] = False
-        out = self._inner(*local_args, **local_kwargs)[0]
+        # the conditioning may hold several rows per sample, each sample's rows together (AnimateDiff
+        # repeats the text states per frame: (batch * frames, L, D)): split by blocks of rows
+        context = _split_rows(call.context, n, lo, half)
+        out = self._inner(_split(sample, n, lo, half), _split(call.timestep, n, lo, half), context,
+                          *_split(call.args, n, lo, half), return_dict=False, **_split(call.kwargs, n, lo, half))[0]
         full = self._gather(out, n)
         self.calls += 1
         return handle.family.wrap_output(full, return_dict)
@@ -409,6 +410,14 @@ def _describe(header: torch.Tensor) -> str:
 def _all_gather_single(output: torch.Tensor, local: torch.Tensor, group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(output, local, group=group)
+
+
+def _split_rows(value: Any, n: int, lo: int, half: int):
+    """A tensor of k * n rows (k rows per sample, sample-major), narrowed to samples [lo, lo + half)."""
+    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] % n == 0:
+        k = value.shape[0] // n
+        return value.narrow(0, lo * k, half * k)
+    return _split(value, n, lo, half)
 
 
 def _split(value: Any, n: int, lo: int, half: int):

@@ -462,3 +462,25 @@ def test_data_parallel_example_runs_in_one_process(tmp_path, monkeypatch, capsys
         data_parallel.main(["--config", "dry", "--cfg-parallel", "--out", str(tmp_path)])
     assert "even number of ranks" in capsys.readouterr().err
     sys.modules.pop("data_parallel", None)
+
+
+def test_cfg_split_keeps_each_samples_rows_of_per_frame_text_states():
+    """AnimateDiff passes text states repeated per frame ((batch * frames, L, D), each sample's rows
+    together): CFG-parallel gives each rank its samples' blocks of rows, so the two half-batch calls
+    are the batched call's halves (the all-gather itself: the two-process tests above)."""
+    from tiny_video import motion_inputs, motion_unet
+
+    unet = motion_unet()
+    kw = motion_inputs(unet, batch=2, frames=4)
+    kw.pop("return_dict", None)
+    n = kw["sample"].shape[0]
+    assert kw["encoder_hidden_states"].shape[0] == n * 4  # per frame
+    with torch.no_grad():
+        full = unet(**kw, return_dict=False)[0]
+        halves = [unet(**dict(kw, sample=fd._split(kw["sample"], n, lo, n // 2),
+                              encoder_hidden_states=fd._split_rows(kw["encoder_hidden_states"], n, lo, n // 2)),
+                       return_dict=False)[0] for lo in (0, n // 2)]
+    assert torch.allclose(torch.cat(halves), full, rtol=1e-5, atol=1e-6)
+    # a context of one row per sample is split as any batch tensor
+    ctx = torch.arange(6.0).view(6, 1)
+    assert torch.equal(fd._split_rows(ctx, 6, 3, 3), ctx[3:])
