@@ -22,7 +22,7 @@ frkern NoReuse and every --policies spec, per --backends and --graphs (--no-frke
 schedule (Keyframes), Clockwork with the identity and the learned adaptor, DeepCache, Adaptive
 (calibrated accumulated rule, first-block rule), SkipConv (whose PyTorch reference computes
 densely: its row has the FLOPs of a tile-predicated convolution and the time of dense compute) and
-EncoderPropagation (the authors' key steps: 50 steps only).
+EncoderPropagation (the authors' key steps: 50 steps only) and TGate (the package's defaults).
 Every spec is parsed and its policy built before any work (grammar: --help).
 
 Threads: --threads (default 1 on a CPU: on a busy shared 2-core machine torch's default of 2 threads
@@ -96,7 +96,7 @@ DEFAULT_POLICIES = ["FRDiff:interval=2", "FRDiff:interval=3", "FRDiff:interval=3
                     "DeepCache:interval=3", "DeepCache:interval=5",
                     "@bench/results/adaptive_tiny_ddim50_clockwork.policy.json:threshold=0.06,warmup=2,max_reuse=4",
                     "Adaptive:threshold=0.04,reuse=clockwork,warmup=2,max_reuse=4",
-                    "SkipConv:threshold=0.05,tile=4", "EncoderPropagation"]
+                    "SkipConv:threshold=0.05,tile=4", "EncoderPropagation", "TGate"]
 # Default --repeats: 10 on CUDA; on a CPU 3 (was 5 before the Auto-FR, adaptor, Adaptive and
 # SkipConv rows came: the default run stays within minutes on 2 cores).
 REPEATS = {"cuda": 10, "cpu": 3}

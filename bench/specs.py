@@ -20,7 +20,8 @@ import sys
 from dataclasses import dataclass
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-POLICY_NAMES = ("NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive", "EncoderPropagation")
+POLICY_NAMES = ("NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive", "EncoderPropagation",
+                "TGate")
 
 GRAMMAR_LINE = ("NAME[:FIELD=VALUE,...] or @FILE.json[:FIELD=VALUE,...]; NAME one of " + ", ".join(POLICY_NAMES)
                 + "; VALUE true/false, none, a number, a tuple (0,3,7) or [0,3,7], a bare or quoted string")

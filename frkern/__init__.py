@@ -33,6 +33,7 @@ from .policies import (  # noqa: E402
     save_policy,
     score_mix_lambda,
     SkipConv,
+    TGate,
 )
 from .cache_format import CacheFormat  # noqa: E402
 from .dispatch import Handle, handle_of, patch, unpatch  # noqa: E402
@@ -43,7 +44,7 @@ from .ops import kernel_report  # noqa: E402
 __all__ = [
     "patch", "unpatch", "Handle", "handle_of", "kernel_report", "CacheFormat",
     "FAMILIES", "find_model", "register_family", "INSTALLERS", "register_installer",
-    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive", "EncoderPropagation",
+    "Policy", "StepPlan", "NoReuse", "FRDiff", "Keyframes", "Clockwork", "DeepCache", "SkipConv", "Adaptive", "EncoderPropagation", "TGate",
     "from_json", "load_policy", "save_policy", "score_mix_lambda",
 ]
 __version__ = "0.1.0"

@@ -114,3 +114,24 @@ def take(handle, call: Call):
         rt.stats["ahead_dropped"] += 1
         return None
     return out
+
+
+def _first(value, n: int):
+    if isinstance(value, torch.Tensor):
+        if value.dim() >= 1 and value.shape[0] % n == 0:  # k rows per sample (per-frame text states)
+            k = value.shape[0] // n
+            return value.narrow(0, 0, (n // 2) * k)
+        return value
+    if isinstance(value, tuple):
+        return tuple(_first(v, n) for v in value)
+    if isinstance(value, list):
+        return [_first(v, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _first(v, n) for k, v in value.items()}
+    return value
+
+
+def first_half(call: Call, n: int) -> Call:
+    """The call's first CFG half: every batch-leading tensor's first n / 2 samples."""
+    return Call(_first(call.sample, n), _first(call.timestep, n), _first(call.context, n), _first(call.args, n),
+                _first(call.kwargs, n))

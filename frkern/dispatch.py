@@ -49,6 +49,7 @@ class Handle:
         self.runtime = Runtime(policy, model, caches=plan.caches, reuse_limit=plan.reuse_limit,
                                codec=codec_for(self.cache_format, backend))
         self.runtime.begin_checks.extend(plan.begin_checks)
+        self.runtime.attention_modes = plan.attention_modes
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
         self._own_forward = model.__dict__.get("forward")  # restored as found by unpatch
@@ -278,6 +279,23 @@ class Handle:
     def _abort(self):
         self.runtime.abort_call()
 
+    def _cfg_half(self, call):
+        """A call whose two CFG halves compute the same thing (StepPlan.cfg_half): the first half runs,
+        its output stands for both."""
+        n = call.sample.shape[0]
+        pipes = [p for p in (r() for r in self._pipelines) if p is not None]
+        if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
+            raise ValueError(f"frkern: {self.policy.name} drops one CFG half after its gate, but the pipeline runs "
+                             "without classifier-free guidance (guidance_scale <= 1): its batch holds no halves; "
+                             f"patch with {self.policy.name}(cfg=False)")
+        if n % 2:
+            raise ValueError(f"frkern: {self.policy.name} runs one CFG half after its gate, but this call's batch of "
+                             f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
+                             "without classifier-free guidance")
+        half = decode_ahead.first_half(call, n)
+        out = self.family.run(self.executor.network, half)
+        return torch.cat([out, out])
+
     @torch.compiler.disable
     def _decode_ahead(self, call):
         """EncoderPropagation's parallel decoding (frkern.decode_ahead): this reuse call's output
@@ -306,6 +324,8 @@ class Handle:
                 ahead = self._decode_ahead(call)
             if ahead is not None:
                 out = ahead
+            elif plan.cfg_half and self.runtime.mode == REUSE_MODE:
+                out = self._cfg_half(call)
             elif plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)
             elif plan.runs_network:  # traced by torch.compile: the network is compiled, not this frame
@@ -372,6 +392,9 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     try:
         plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
         _check_cache_format(cache_format, plan, model)
+        if cuda_graphs and plan.attention_modes is not None:
+            raise ValueError(f"frkern.patch: {policy.name} with cuda_graphs=True is not supported (its calls change "
+                             "batch after the gate); patch without cuda_graphs")
     except ValueError as e:  # name what was refused where
         raise ValueError(f"{e} [model family {family.name}, policy {policy.name}]") from None
 

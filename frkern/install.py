@@ -21,7 +21,7 @@ from torch import nn
 
 from .family import ModelFamily, Parts
 from .policies import (Adaptive, Clockwork, DeepCache, EncoderPropagation, FRDiff, Keyframes, NoReuse, Policy,
-                       SkipConv)
+                       SkipConv, TGate)
 from .segments import adaptive_gate, clockwork_cut, deepcache_cut, encoder_cut
 
 
@@ -50,6 +50,8 @@ class Plan:
     decider: Any = None  # the per-call decision of an adaptive policy (frkern.adaptive.Decider)
     keeps_keyframe_output: bool = False  # score mixing or reduced-NFE jumps need the keyframe's output
     decode_ahead: int = 1  # reuse calls batched into one (EncoderPropagation's parallel decoding)
+    wrappers: dict = field(default_factory=dict)  # unit path -> wrapper class, for units outside the family's map
+    attention_modes: Any = None  # step -> AttentionModes (T-GATE's attention units)
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
     begin_checks: list[Callable[[int], None]] = field(default_factory=list)
 
@@ -215,6 +217,41 @@ def _encoder_propagation(target, policy):
     return plan
 
 
+def attention_phases(target: Target, plan: Plan, policy: TGate) -> None:
+    """Every attention inside the map's spatial transformers becomes a T-GATE attention unit."""
+    from diffusers.models.attention_processor import Attention
+
+    from .attention_units import TGateAttention, tgate_supported
+
+    if target.family.name != "UNet2DConditionModel":
+        raise ValueError(f"frkern.patch: {policy.name} covers image UNets' spatial transformers; the video "
+                         "families' temporal attentions are not part of it")
+    bad = []
+    for path, kind in target.parts.units.items():
+        if kind != "transformer":
+            continue
+        for name, m in target.model.get_submodule(path).named_modules():
+            if isinstance(m, Attention):
+                why = tgate_supported(m)
+                if why:
+                    bad.append(f"{path}.{name}: {why}")
+                plan.units[f"{path}.{name}"] = True
+                plan.wrappers[f"{path}.{name}"] = TGateAttention
+    if bad:
+        raise ValueError(f"frkern.patch: {policy.name} stores an attention's output as its result; " + "; ".join(bad))
+    if not plan.wrappers:
+        raise ValueError(f"frkern.patch: {policy.name}: the model has no transformer attention to gate")
+    plan.attention_modes = policy.attention_modes
+
+
+@register_installer(TGate)
+def _tgate(target, policy):
+    plan = Plan()
+    units(target, plan, cache=False)
+    attention_phases(target, plan, policy)
+    return plan
+
+
 @register_installer(SkipConv)
 def _skip_conv(target, policy):
     plan = Plan()
@@ -277,7 +314,7 @@ def install(target: Target, plan: Plan, runtime) -> Installation:
         inst.attached.append(wrapper)
 
     for path, cached in plan.units.items():
-        wrapper_cls = target.family.wrappers[target.parts.units[path]]
+        wrapper_cls = plan.wrappers.get(path) or target.family.wrappers[target.parts.units[path]]
         swap(path, lambda m: wrapper_cls(m, runtime, path, cached, backend))
     tap = Tap()
     for path in plan.segments:

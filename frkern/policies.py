@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar, NamedTuple, Optional, Union
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,9 @@ class StepPlan:
     # Adaptive policies: whether this call may reuse is decided from the features at run time
     # (frkern.adaptive); keyframe is False until then.
     decide: bool = False
+    # The call's batch is [unconditional, conditional] halves that compute the same thing (T-GATE
+    # after its gate): run the first half only and return it for both.
+    cfg_half: bool = False
 
     @property
     def runs_network(self) -> bool:
@@ -315,6 +318,63 @@ class EncoderPropagation(Policy):
         return StepPlan(keyframe=False)
 
 
+class AttentionModes(NamedTuple):
+    """What each attention of a call does (T-GATE): per kind, (cache, reuse, average) = store its
+    output as the module's state, return the stored state instead of computing (when there is one),
+    store the mean of the output's two CFG halves rather than the output."""
+
+    cross: tuple[bool, bool, bool]
+    self_: tuple[bool, bool, bool]
+
+
+@dataclass(frozen=True)
+class TGate(Policy):
+    """T-GATE (Liu et al. 2024, "Faster Diffusion via Temporal Attention Decomposition"), in the
+    UNet: steps before gate_step - 1 compute cross-attention; self-attention is computed in the
+    first warm_up steps, then cached at step warm_up and every sp_interval-th step and reused in
+    between. At step gate_step - 1 both are computed and stored as the mean of their CFG halves.
+    From gate_step on, cross-attention returns that mean, self-attention is cached every
+    fi_interval-th step and reused in between, and (cfg=True: the batch is [uncond, cond]) the two
+    CFG halves compute the same thing, so only the first runs and its output is returned for both:
+    the pipeline's guidance then yields it exactly (u + s * (u - u) = u). Steps count from the
+    start of the whole schedule."""
+
+    gate_step: int = 10
+    sp_interval: int = 5
+    fi_interval: int = 1
+    warm_up: int = 2
+    cfg: bool = True
+
+    name: ClassVar[str] = "TGate"
+
+    def __post_init__(self):
+        _check_int("gate_step", self.gate_step, 1, "TGate")
+        _check_int("sp_interval", self.sp_interval, 1, "TGate")
+        _check_int("fi_interval", self.fi_interval, 1, "TGate")
+        _check_int("warm_up", self.warm_up, 0, "TGate")
+        _check_bool("cfg", self.cfg, "TGate")
+
+    def plan(self, step: int, num_steps: int) -> StepPlan:
+        _check_step(step, num_steps)
+        if step == 0:
+            return FULL
+        return StepPlan(keyframe=False, cfg_half=self.cfg and step >= self.gate_step)
+
+    def attention_modes(self, step: int) -> AttentionModes:
+        compute, cache, reuse = (False, False, False), (True, False, False), (False, True, False)
+        if step < self.gate_step - 1:  # semantics planning
+            if step <= self.warm_up:
+                sa = cache if step == self.warm_up else compute
+            else:
+                sa = cache if step % self.sp_interval == 0 else reuse
+            return AttentionModes(cross=compute, self_=sa)
+        if step == self.gate_step - 1:  # the gate: both stored as the mean of the CFG halves
+            both = (True, False, self.cfg)
+            return AttentionModes(cross=both, self_=both)
+        # fidelity improving
+        return AttentionModes(cross=reuse, self_=cache if step % self.fi_interval == 0 else reuse)
+
+
 ADAPTIVE_RULES = ("first_block", "accumulated")
 ADAPTIVE_REUSE = ("deepcache", "clockwork", "units")
 
@@ -390,10 +450,10 @@ class Adaptive(Policy):
 
 POLICIES: dict[str, type[Policy]] = {
     cls.name: cls for cls in (NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive,
-                              EncoderPropagation)
+                              EncoderPropagation, TGate)
 }
 
-AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive, EncoderPropagation]
+AnyPolicy = Union[NoReuse, FRDiff, Keyframes, Clockwork, DeepCache, SkipConv, Adaptive, EncoderPropagation, TGate]
 
 
 def policy_from_dict(data: dict) -> Policy:

@@ -95,6 +95,7 @@ class Runtime:
         # Outputs computed ahead (EncoderPropagation's parallel decoding): (slot, step) -> (output,
         # what the later call must pass for it to apply); dropped with the generation.
         self.ahead: dict = {}
+        self.attention_modes = None  # step -> AttentionModes, from the plan (T-GATE's attention units)
         self.stats: collections.Counter = collections.Counter()
         self.stateful_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
@@ -123,6 +124,7 @@ class Runtime:
         new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo), self.caches, self.reuse_limit,
                       self.cache.codec)
         new.begin_checks = list(self.begin_checks)
+        new.attention_modes = self.attention_modes
         memo[id(self)] = new
         return new
 

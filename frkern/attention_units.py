@@ -1,0 +1,50 @@
+"""T-GATE's attention unit: a diffusers Attention (a transformer block's attn1 / attn2) whose output
+is stored and returned per the step's AttentionModes (frkern.policies.TGate), through the unit
+protocol as a stateful unit: its state is its stored output (or None), moved on at every call.
+
+The stored value is the module's output (the attention after to_out: T-GATE's cache), so the
+wrapper accepts attentions that add nothing after it (no residual connection, rescale 1: every SD /
+SDXL transformer attention); install refuses others. Its signature leaves out the batch (after the
+gate the call runs one CFG half and reads what the gate step averaged over both).
+"""
+from __future__ import annotations
+
+from .units import _Wrapper
+
+
+class TGateAttention(_Wrapper):
+    reusable = True
+    swap_when_not_cached = False
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        rt = self.runtime
+        cross = encoder_hidden_states is not None
+        modes = rt.attention_modes(rt.step)
+        store, reuse, average = modes.cross if cross else modes.self_
+
+        def step(state):
+            if reuse and state is not None:
+                return state, state
+            out = self.original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            if not store:
+                return out, state
+            if average:
+                if out.shape[0] % 2:
+                    raise ValueError(f"frkern: T-GATE averages the two CFG halves of {self.unit}'s output at its gate "
+                                     f"step, but the batch of {out.shape[0]} holds no [uncond, cond] halves (a "
+                                     "pipeline without classifier-free guidance?); patch with TGate(cfg=False)")
+                uncond, cond = out.chunk(2)
+                return out, (uncond + cond) / 2
+            return out, out
+
+        sig = (tuple(hidden_states.shape[1:]), hidden_states.dtype, hidden_states.device, cross)
+        return rt.unit(self.unit, sig, lambda: step(None), update=step)
+
+
+def tgate_supported(attention) -> str | None:
+    """Why T-GATE cannot store this attention's output as T-GATE defines it, or None."""
+    if getattr(attention, "residual_connection", False):
+        return "it adds a residual connection after the attention"
+    if getattr(attention, "rescale_output_factor", 1.0) != 1.0:
+        return f"it rescales its output by {attention.rescale_output_factor}"
+    return None
