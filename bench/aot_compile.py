@@ -4,7 +4,7 @@ Hopper (sm_90) and Ampere (sm_80), on any machine, without a GPU.
     python bench/aot_compile.py [--set full|test] [--families ...] [--targets 90 80] [--out DIR]
 
 What is compiled is what would launch: each launcher of kernels/ (group_norm_act_triton,
-geglu_triton, score_mix_triton, skip_conv_triton) is called on meta tensors (shapes and strides,
+geglu_triton, score_mix_triton, skip_conv_triton, quantize_triton / dequantize_triton) is called on meta tensors (shapes and strides,
 no data) with a `launch` wrapper that records every kernel launch instead of running it; each
 recorded launch is specialised by Triton's own binder (the code JITFunction.run runs: integer
 arguments equal to 1 become constants, arguments and pointers divisible by 16 get the
@@ -62,7 +62,7 @@ TARGET_LIMITS = {  # per-thread registers, per-block shared memory (bytes)
     90: {"regs": 255, "shared": 227 * 1024},
     80: {"regs": 255, "shared": 163 * 1024},
 }
-FAMILIES = ("group_norm", "geglu", "score_mix", "skip_conv")
+FAMILIES = ("group_norm", "geglu", "score_mix", "skip_conv", "quant_cache")
 SPILL_BUDGET = 0  # bytes of spill stores + loads per kernel (default of --spill-budget)
 # Known spills, stated with their budget (bytes of stores + loads) until the kernel is fixed:
 # (kernel, target, I/O dtype) -> budget.
@@ -81,6 +81,7 @@ HOT_LOADS = {
     "geglu": ("h = tl.load(x_ptr", "g = tl.load(x_ptr"),
     "score_mix": ("fr = tl.load(fr_ptr", "key = tl.load(key_ptr"),
     "skip_conv": ("xv = tl.load(x_ptr", "rv = tl.load(r_ptr", "a = tl.load(r_pix", "b = tl.load(w_co"),
+    "quant_cache": ("v = tl.load(x_ptr", "b = tl.load(q_ptr", "v = tl.load(q_ptr"),
 }
 
 
@@ -166,7 +167,18 @@ def configurations(which: str):
         add("skip_conv", {"model": "sd15", "shape": [2, ci, side, side], "cout": co, "kernel": ks,
                           "tile": SKIP_TILE, "dtype": dtype, "format": fmt, "op": f"SkipConv {ks}x{ks}"}, call, targets)
 
+    def quant(model, C, side, dtype, fmt, targets=None):
+        def call(torch, k, launch):
+            dt = getattr(torch, dtype)
+            x = torch.empty(2, C, side, side, device="meta", dtype=dt)
+            q, scale = k.quant_cache.quantize_triton(x, fmt, launch=launch)
+            k.quant_cache.dequantize_triton(q, scale, dt, launch=launch)
+        add("quant_cache", {"model": model, "shape": [2, C, side, side], "dtype": dtype, "format": fmt,
+                            "op": f"cache {fmt} encode + decode"}, call, targets)
+
     if test:
+        quant("sd15", 320, 64, "float16", "int8")
+        quant("sd15", 1280, 16, "bfloat16", "fp8_e4m3", targets=(90,))
         # GroupNorm: every channel count in channels_last (sm_90; sm_80 too at 320 and 1920), at an
         # SD1.5 size where it occurs, fp16 and bf16, plain and +temb (the first two: where it
         # spilled before, 320 under Triton 3.6, 640 at 64x64 under 3.9); NCHW at two counts
@@ -203,6 +215,11 @@ def configurations(which: str):
     # SkipConv: every 3x3 ResNet convolution and 1x1 shortcut of SD1.5 in fp16, both formats; bf16
     # and fp32 at three of each (the kernel's blocks are the same at every SD shape; the gate's
     # reduction width and the divisibility of sizes change)
+    # the cache codec at every (channels, map) pair of SD1.5's ResNets, int8 and fp8, fp16 and bf16
+    for C, side in SD15_GN:
+        for dtype in ("float16", "bfloat16"):
+            for fmt in ("int8", "fp8_e4m3"):
+                quant("sd15", C, side, dtype, fmt)
     for shapes, ks, few in ((SD15_CONV3, 3, SD15_CONV3[:1] + SD15_CONV3[2:3] + SD15_CONV3[4:5]),
                             (SD15_CONV1, 1, SD15_CONV1[:2] + SD15_CONV1[6:7])):
         for dtype in ("float16", "bfloat16", "float32"):
@@ -446,12 +463,13 @@ def _run(args):
 
     import kernels.geglu
     import kernels.group_norm
+    import kernels.quant_cache
     import kernels.score_mix
     import kernels.skip_conv
     from record import provenance
 
     mods = {m.__name__.rsplit(".", 1)[-1]: m for m in (kernels.group_norm, kernels.geglu, kernels.score_mix,
-                                                        kernels.skip_conv)}
+                                                        kernels.skip_conv, kernels.quant_cache)}
     for m in mods.values():
         if m.triton is None:
             sys.exit("bench/aot_compile.py: triton is not installed")

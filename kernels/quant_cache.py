@@ -147,8 +147,9 @@ if triton is not None:
         tl.store(y_ptr + idx, _to_output(v * s, y_ptr.dtype.element_ty), mask=m)
 
 
-def quantize_triton(x, fmt: str, scales: str = "channel", group_size: int = 64):
-    """quantize_reference's values, one Triton program per scale group."""
+def quantize_triton(x, fmt: str, scales: str = "channel", group_size: int = 64, launch=None):
+    """quantize_reference's values, one Triton program per scale group. launch: wraps the kernel
+    before its launch (bench/aot_compile.py records launches with it)."""
     check_quantize_args(x, fmt, scales, group_size)
     n, c = x.shape[:2]
     xc = x.contiguous()
@@ -158,12 +159,12 @@ def quantize_triton(x, fmt: str, scales: str = "channel", group_size: int = 64):
     scale = torch.empty(n, c, g, dtype=torch.float32, device=x.device)
     if q.numel():
         block = min(1024, triton.next_power_of_2(min(gs, length)))
-        _quantize_kernel[(n * c * g,)](xc, q, scale, length, gs, g, QMAX_=QMAX[fmt], IS_INT8=fmt == "int8",
-                                       BLOCK=block)
+        (launch or (lambda k: k))(_quantize_kernel)[(n * c * g,)](
+            xc, q, scale, length, gs, g, QMAX_=QMAX[fmt], IS_INT8=fmt == "int8", BLOCK=block)
     return q.view(STORAGE[fmt]), scale
 
 
-def dequantize_triton(q, scale, dtype, group_size: int = 64):
+def dequantize_triton(q, scale, dtype, group_size: int = 64, launch=None):
     """dequantize_reference's values, one elementwise Triton pass."""
     n, c = q.shape[:2]
     qc = q.contiguous()
@@ -175,6 +176,6 @@ def dequantize_triton(q, scale, dtype, group_size: int = 64):
     fp8 = q.dtype != torch.int8
     if total:
         block = 1024
-        _dequantize_kernel[(triton.cdiv(total, block),)](qc.view(torch.uint8) if fp8 else qc, scale.contiguous(), y,
-                                                          total, length, gs, g, IS_FP8=fp8, BLOCK=block)
+        (launch or (lambda k: k))(_dequantize_kernel)[(triton.cdiv(total, block),)](
+            qc.view(torch.uint8) if fp8 else qc, scale.contiguous(), y, total, length, gs, g, IS_FP8=fp8, BLOCK=block)
     return y

@@ -84,7 +84,7 @@ def test_every_kernel_compiles_for_sm90_and_sm80(record):
         built = {s["kernel"] for s in record["specializations"] if s["target"] == target}
         assert built == defined, (target, defined - built)
     families = {v["family"] for v in record["variants"]}
-    assert families == {"group_norm", "geglu", "score_mix", "skip_conv"}
+    assert families == {"group_norm", "geglu", "score_mix", "skip_conv", "quant_cache"}
     # compiled, not interpreted: ptxas ran and the cubin says how many registers
     assert all(s["regs"] > 0 and "spill_store_bytes" in s and s["loads"]["all"]["count"] > 0
                for s in record["specializations"])
@@ -139,5 +139,5 @@ def test_the_record_states_per_variant_what_was_compiled(record):
             assert launch["kernel"] == s["kernel"] and launch["target"] == s["target"]
             for key in ("regs", "spill_store_bytes", "spill_load_bytes", "shared_bytes", "num_warps", "constexprs"):
                 assert key in s
-    assert {row["family"] for row in record["summary"]} == {"group_norm", "geglu", "score_mix", "skip_conv"}
+    assert {row["family"] for row in record["summary"]} == {"group_norm", "geglu", "score_mix", "skip_conv", "quant_cache"}
     assert record["triton"] and record["command"].startswith("python")
