@@ -261,6 +261,7 @@ def test_cuda_graphs_equal_eager_with_probe_and_resume_graphs(rule):
     assert gs["replays"] == 2 * (eager.stats["full"] + eager.stats["reuse"]) + probes
 
 
+@pytest.mark.slow
 def test_compiled_adaptive_does_not_recompile_from_step_to_step():
     # What must hold in any torch version (not a version's graph count): after the first generation,
     # which compiles whatever each step kind needs (the probe's stop is a graph break by design),

@@ -54,6 +54,7 @@ def test_latency_harness_smoke(tmp_path, capsys):
     assert "rel. dev. of latents: ||x - x_ref||_2 / ||x_ref||_2 over the final latents" in md
 
 
+@pytest.mark.slow
 def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
     # The GPU-only rows' code (frkern + graphs, + compile) run on a CPU: graphs emulated, compile
     # through dynamo's eager backend. Timings here mean nothing; the rows' logic is what is tested.
@@ -75,6 +76,7 @@ def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
     assert (tmp_path / "latency_tiny_cpu_float32_4steps_t.json").exists()
 
 
+@pytest.mark.slow
 def test_kernel_bench_smoke(tmp_path):
     import kernel_bench
 

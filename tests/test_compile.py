@@ -51,7 +51,8 @@ def steady():
     "kind, policy",
     [
         ("sd", frkern.FRDiff(interval=2)),  # full, reuse, and the jump steps' copy (mixing runs outside)
-        ("sd", frkern.SkipConv(0.2, tile=4)),  # stateful units: the reuse graph moves the state on
+        pytest.param("sd", frkern.SkipConv(0.2, tile=4), marks=pytest.mark.slow),  # stateful units: the reuse
+        # graph moves the state on
     ],
 )
 def test_compiled_patched_unet_has_no_graph_breaks_and_no_recompiles(kind, policy):
@@ -91,6 +92,7 @@ def test_compiled_patched_unet_has_no_graph_breaks_and_no_recompiles(kind, polic
     assert torch.equal(other, generate(pipe, prompt, steps=7, size=40))
 
 
+@pytest.mark.slow
 def test_patch_after_compile_and_unpatch_again():
     pipe = small_sd_pipeline()
     prompt = sd_prompt_kwargs()

@@ -267,7 +267,8 @@ COMPILED = {"sd": frkern.DeepCache(interval=2, branch=1), "motion": frkern.FRDif
             "unet3d": frkern.DeepCache(interval=2, branch=1), "svd": frkern.FRDiff(interval=3, bias=0.3)}
 
 
-@pytest.mark.parametrize("family", list(COMPILE_MODELS))
+@pytest.mark.parametrize("family", [pytest.param(f, marks=pytest.mark.slow) if f in ("motion", "unet3d") else f
+                                    for f in COMPILE_MODELS])  # sd and svd by default (both kinds of mechanism)
 def test_compiled_patched_model_has_no_breaks_and_no_recompiles(family):
     policy = COMPILED[family]
     base = COMPILE_MODELS[family]()

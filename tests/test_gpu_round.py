@@ -27,6 +27,7 @@ def run_round(tmp_path, **env):
     return result, out
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_and_summarises_them(tmp_path):
     result, out = run_round(tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr

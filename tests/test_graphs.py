@@ -162,6 +162,7 @@ def test_graph_errors_are_clear():
         frkern.patch(sd_unet(), frkern.NoReuse(), cuda_graphs="yes")
 
 
+@pytest.mark.slow
 def test_compiled_network_inside_graphs():
     # handle.compile(): frkern's graphs capture the compiled network (eager dynamo backend here).
     # What must hold in any torch version: no graph breaks, and after the first generation (which

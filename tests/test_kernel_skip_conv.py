@@ -198,6 +198,7 @@ def test_op_equals_the_direct_function_and_torch_backend_is_out_of_place():
     assert_close_to_scale(want[0], out[0], torch.float32)
 
 
+@pytest.mark.slow
 def test_patched_unet_triton_matches_torch_backend():
     # every ResNet conv1/conv2 gated; one dense keyframe, then two gated steps (the second reads the
     # state the first updated in place). The other fused ops run in the interpreter too: a one-level,
