@@ -11,20 +11,11 @@ from typing import Any, Hashable
 
 import torch
 
+from .trees import iter_tensors
+
 
 def signature(t: torch.Tensor) -> tuple:
     return (tuple(t.shape), t.dtype, t.device)
-
-
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from _tensors(v)
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
 
 
 @dataclass
@@ -93,7 +84,7 @@ class FeatureCache:
     def nbytes(self) -> int:
         seen, total = set(), 0
         for e in self._entries.values():
-            for t in _tensors(e.value):
+            for t in iter_tensors(e.value):
                 # one tensor stored under two keys (or a view of it) is counted once; meta tensors
                 # (cost estimates) have no addresses, only identities
                 key = id(t) if t.device.type == "meta" else (t.untyped_storage().data_ptr(), t.data_ptr(), t.numel())

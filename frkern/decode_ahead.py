@@ -20,6 +20,7 @@ import torch
 
 from .family import Call
 from .tracking import _position
+from .trees import iter_tensors, map_tensors
 
 # per-call inputs whose future values a batched call cannot know
 STEP_ONLY = ("down_block_additional_residuals", "mid_block_additional_residual", "down_intrablock_additional_residuals",
@@ -27,30 +28,13 @@ STEP_ONLY = ("down_block_additional_residuals", "mid_block_additional_residual",
 
 
 def _tile(value, n: int):
-    if isinstance(value, torch.Tensor):
-        return value.repeat(n, *([1] * (value.dim() - 1))) if value.dim() else value
-    if isinstance(value, tuple):
-        return tuple(_tile(v, n) for v in value)
-    if isinstance(value, list):
-        return [_tile(v, n) for v in value]
-    if isinstance(value, dict):
-        return {k: _tile(v, n) for k, v in value.items()}
-    return value
-
-
-def _tensors(value) -> list:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    """n copies of every batch-leading tensor along the batch."""
+    return map_tensors(lambda t: t.repeat(n, *([1] * (t.dim() - 1))) if t.dim() else t, value)
 
 
 def _inputs_key(call: Call) -> tuple:
     """What a precomputed output assumed of its call: the conditioning tensors, by identity."""
-    return (id(call.context), tuple(sorted((k, tuple(id(t) for t in _tensors(v))) for k, v in call.kwargs.items())))
+    return (id(call.context), tuple(sorted((k, tuple(id(t) for t in iter_tensors(v))) for k, v in call.kwargs.items())))
 
 
 def scheduler_of(handle):
@@ -115,23 +99,3 @@ def take(handle, call: Call):
         return None
     return out
 
-
-def _first(value, n: int):
-    if isinstance(value, torch.Tensor):
-        if value.dim() >= 1 and value.shape[0] % n == 0:  # k rows per sample (per-frame text states)
-            k = value.shape[0] // n
-            return value.narrow(0, 0, (n // 2) * k)
-        return value
-    if isinstance(value, tuple):
-        return tuple(_first(v, n) for v in value)
-    if isinstance(value, list):
-        return [_first(v, n) for v in value]
-    if isinstance(value, dict):
-        return {k: _first(v, n) for k, v in value.items()}
-    return value
-
-
-def first_half(call: Call, n: int) -> Call:
-    """The call's first CFG half: every batch-leading tensor's first n / 2 samples."""
-    return Call(_first(call.sample, n), _first(call.timestep, n), _first(call.context, n), _first(call.args, n),
-                _first(call.kwargs, n))

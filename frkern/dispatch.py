@@ -292,8 +292,7 @@ class Handle:
             raise ValueError(f"frkern: {self.policy.name} runs one CFG half after its gate, but this call's batch of "
                              f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
                              "without classifier-free guidance")
-        half = decode_ahead.first_half(call, n)
-        out = self.family.run(self.executor.network, half)
+        out = self.family.run(self.executor.network, call.samples(n, 0, n // 2))
         return torch.cat([out, out])
 
     @torch.compiler.disable

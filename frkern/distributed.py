@@ -96,7 +96,7 @@ from __future__ import annotations
 import math
 import time
 import zlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -287,11 +287,10 @@ class CfgParallel:
                              "(CFG-parallel needs an even batch: guidance_scale > 1 doubles it)")
         half = n // 2
         lo = self.rank * half
-        # the conditioning may hold several rows per sample, each sample's rows together (AnimateDiff
-        # repeats the text states per frame: (batch * frames, L, D)): split by blocks of rows
-        context = _split_rows(call.context, n, lo, half)
-        out = self._inner(_split(sample, n, lo, half), _split(call.timestep, n, lo, half), context,
-                          *_split(call.args, n, lo, half), return_dict=False, **_split(call.kwargs, n, lo, half))[0]
+        # the conditioning may hold several rows per sample (AnimateDiff's per-frame text states): Call.samples
+        local = call.samples(n, lo, half)
+        out = self._inner(local.sample, local.timestep, local.context, *local.args, return_dict=False,
+                          **local.kwargs)[0]
         full = self._gather(out, n)
         self.calls += 1
         return handle.family.wrap_output(full, return_dict)
@@ -410,25 +409,3 @@ def _describe(header: torch.Tensor) -> str:
 def _all_gather_single(output: torch.Tensor, local: torch.Tensor, group) -> None:
     fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     fn(output, local, group=group)
-
-
-def _split_rows(value: Any, n: int, lo: int, half: int):
-    """A tensor of k * n rows (k rows per sample, sample-major), narrowed to samples [lo, lo + half)."""
-    if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] % n == 0:
-        k = value.shape[0] // n
-        return value.narrow(0, lo * k, half * k)
-    return _split(value, n, lo, half)
-
-
-def _split(value: Any, n: int, lo: int, half: int):
-    """Every tensor of a call's arguments (through lists, tuples and dicts) whose first dimension is
-    the batch `n`, narrowed to [lo, lo + half); anything else as it is (a 0-dim timestep, options)."""
-    if isinstance(value, torch.Tensor):
-        return value.narrow(0, lo, half) if value.dim() >= 1 and value.shape[0] == n else value
-    if isinstance(value, list):
-        return [_split(v, n, lo, half) for v in value]
-    if type(value) is tuple:
-        return tuple(_split(v, n, lo, half) for v in value)
-    if isinstance(value, dict):
-        return {k: _split(v, n, lo, half) for k, v in value.items()}
-    return value

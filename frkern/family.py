@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from .trees import map_tensors, samples
+
 
 class Call(NamedTuple):
     """One call of the network, by role rather than by position."""
@@ -32,6 +34,15 @@ class Call(NamedTuple):
         resumed pass, CUDA-graph warm-up and capture), so each run gets its own containers and the
         caller's are left as they were."""
         return self._replace(args=_fresh(self.args), kwargs=_fresh(self.kwargs))
+
+    def samples(self, n: int, lo: int, count: int) -> "Call":
+        """Samples [lo, lo + count) of a call of batch n: every batch-leading tensor narrowed (the
+        conditioning also when it holds several rows per sample: per-frame text states)."""
+        def cut(t, rows=False):
+            return samples(t, n, lo, count, rows_per_sample=rows)
+
+        return Call(cut(self.sample), cut(self.timestep), map_tensors(lambda t: cut(t, True), self.context),
+                    map_tensors(cut, self.args), map_tensors(cut, self.kwargs))
 
 
 def _fresh(value):

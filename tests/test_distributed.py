@@ -475,12 +475,17 @@ def test_cfg_split_keeps_each_samples_rows_of_per_frame_text_states():
     kw.pop("return_dict", None)
     n = kw["sample"].shape[0]
     assert kw["encoder_hidden_states"].shape[0] == n * 4  # per frame
+    from frkern.family import Call
+
+    call = Call(kw.pop("sample"), kw.pop("timestep"), kw.pop("encoder_hidden_states"), (), kw)
     with torch.no_grad():
-        full = unet(**kw, return_dict=False)[0]
-        halves = [unet(**dict(kw, sample=fd._split(kw["sample"], n, lo, n // 2),
-                              encoder_hidden_states=fd._split_rows(kw["encoder_hidden_states"], n, lo, n // 2)),
-                       return_dict=False)[0] for lo in (0, n // 2)]
+        full = unet(call.sample, call.timestep, call.context, return_dict=False, **call.kwargs)[0]
+        halves = []
+        for lo in (0, n // 2):
+            local = call.samples(n, lo, n // 2)  # what CfgParallel.forward runs on rank lo // (n // 2)
+            assert local.context.shape[0] == call.context.shape[0] // 2
+            halves.append(unet(local.sample, local.timestep, local.context, return_dict=False, **local.kwargs)[0])
     assert torch.allclose(torch.cat(halves), full, rtol=1e-5, atol=1e-6)
     # a context of one row per sample is split as any batch tensor
     ctx = torch.arange(6.0).view(6, 1)
-    assert torch.equal(fd._split_rows(ctx, 6, 3, 3), ctx[3:])
+    assert torch.equal(Call(ctx, 0, ctx, (), {}).samples(6, 3, 3).context, ctx[3:])
