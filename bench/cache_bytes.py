@@ -40,7 +40,7 @@ if __name__ == "__main__":
 import torch  # noqa: E402
 
 import frkern  # noqa: E402
-from record import save_json  # noqa: E402
+from record import markdown_table, save_json  # noqa: E402
 from specs import policy_from_spec  # noqa: E402
 
 
@@ -94,9 +94,7 @@ def main(argv=None) -> list[dict]:
                        **{f"{fmt}_over_model": round(b / sizes["model"], 3) for fmt, b in sizes.items() if fmt != "model"})
             rows.append(row)
             print(row, flush=True)
-    header = list(rows[0])
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    md = markdown_table(rows)
     save_json(args.out, "cache_bytes", {"result": rows}, device="meta")
     with open(os.path.join(args.out, "cache_bytes.md"), "w", encoding="utf-8") as f:
         f.write(f"`python bench/cache_bytes.py --out {args.out}` (meta device, fp16 models, CFG batch 2, the cache "

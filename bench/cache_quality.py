@@ -43,7 +43,7 @@ import torch  # noqa: E402
 import frkern  # noqa: E402
 from cache_bytes import cache_format  # noqa: E402
 from quality import to01  # noqa: E402
-from record import save_json  # noqa: E402
+from record import markdown_table, save_json  # noqa: E402
 from tiny_model import load, sample  # noqa: E402
 
 STEPS, GUIDANCE = 50, 3.0
@@ -102,9 +102,7 @@ def main(argv=None) -> list[dict]:
 
 
 def write(rows, args, device, labels):
-    header = list(rows[0])
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    md = markdown_table(rows)
     meta = dict(command="python bench/cache_quality.py " + " ".join(sys.argv[1:]), device=device,
                 cpu=platform.processor() or platform.machine(), torch=torch.__version__, images=len(labels),
                 reference=f"DDIM-{STEPS}, guidance {GUIDANCE}", date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))

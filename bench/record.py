@@ -41,3 +41,10 @@ def save_json(out_dir: str, name: str, record: dict, device=None) -> str:
     with open(path, "w") as f:
         json.dump({**provenance(device), **record}, f, indent=1, default=str)
     return path
+
+
+def markdown_table(rows: list[dict], header: list[str] | None = None) -> list[str]:
+    """The lines of a markdown table of `rows` (dicts), columns `header` (default: the first row's keys)."""
+    header = list(rows[0]) if header is None else header
+    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            + ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows])

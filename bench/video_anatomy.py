@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import frkern  # noqa: E402
-from record import save_json  # noqa: E402
+from record import markdown_table, save_json  # noqa: E402
 from specs import policy_from_spec  # noqa: E402
 
 
@@ -97,8 +97,7 @@ def main(argv=None) -> None:
                              cache_mib=round(cache / 2**20, 1)))
             print(rows[-1], flush=True)
     header = ["model", "frames", "policy", "full_gflop", "reuse_gflop", "reuse_over_full", "cache_mib"]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(r[h]) for h in header) + " |" for r in rows]
+    md = markdown_table(rows, header)
     save_json(args.out, "video_anatomy", {"result": rows}, device="meta")
     with open(os.path.join(args.out, "video_anatomy.md"), "w", encoding="utf-8") as f:
         f.write(f"`python bench/video_anatomy.py --out {args.out}` (meta device, fp16, CFG batch 2; "

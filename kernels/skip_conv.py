@@ -39,6 +39,13 @@ except ImportError:  # pragma: no cover - triton is a Linux dependency
     triton = None
 
 
+def _check_tile_threshold(op: str, tile: int, threshold: float) -> None:
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"{op}: tile must be an int >= 1, got {tile!r}")
+    if not threshold >= 0:
+        raise ValueError(f"{op}: threshold must be >= 0, got {threshold!r}")
+
+
 def check_skip_conv_args(x, x_ref, z, weight, tile: int, threshold: float, padding) -> None:
     if x.dim() != 4 or x.shape != x_ref.shape:
         raise ValueError(f"skip_conv: x and x_ref must be NCHW of one shape, got {tuple(x.shape)} and {tuple(x_ref.shape)}")
@@ -49,10 +56,7 @@ def check_skip_conv_args(x, x_ref, z, weight, tile: int, threshold: float, paddi
     if z.shape[:1] + z.shape[2:] != x.shape[:1] + x.shape[2:] or z.shape[1] != weight.shape[0]:
         raise ValueError(f"skip_conv: z has shape {tuple(z.shape)}, expected ({x.shape[0]}, {weight.shape[0]}, "
                          f"{x.shape[2]}, {x.shape[3]})")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"skip_conv: tile must be an int >= 1, got {tile!r}")
-    if not threshold >= 0:
-        raise ValueError(f"skip_conv: threshold must be >= 0, got {threshold!r}")
+    _check_tile_threshold("skip_conv", tile, threshold)
 
 
 def _tiles_to_pixels(mask: torch.Tensor, tile: int, h: int, w: int) -> torch.Tensor:
@@ -90,10 +94,7 @@ def check_skip_conv_temporal_args(x, x_ref, z, weight, tile: int, threshold: flo
     if z.shape[:1] + z.shape[2:] != x.shape[:1] + x.shape[2:] or z.shape[1] != weight.shape[0]:
         raise ValueError(f"skip_conv_temporal: z has shape {tuple(z.shape)}, expected "
                          f"({x.shape[0]}, {weight.shape[0]}, {', '.join(map(str, x.shape[2:]))})")
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        raise ValueError(f"skip_conv_temporal: tile must be an int >= 1, got {tile!r}")
-    if not threshold >= 0:
-        raise ValueError(f"skip_conv_temporal: threshold must be >= 0, got {threshold!r}")
+    _check_tile_threshold("skip_conv_temporal", tile, threshold)
 
 
 def skip_conv_temporal_reference(x, x_ref, z, weight, bias, tile: int, threshold: float, conv=None):

@@ -72,15 +72,15 @@ COMPILE_MODELS = {
 }
 
 
-def calls(model, inputs, steps=STEPS, batch=2, seed=0):
-    """`steps` calls of slowly changing latents, as a sampler makes them."""
+def calls(model, inputs, steps=STEPS, batch=2, seed=0, t0=900, dt=90):
+    """`steps` calls of slowly changing latents at timesteps t0, t0 - dt, ..., as a sampler makes them."""
     kw = inputs(model, batch)
     g = torch.Generator().manual_seed(seed)
     x = kw.pop("sample")
     out = []
     for i in range(steps):
         x = x + 0.05 * torch.randn(x.shape, generator=g)
-        out.append(dict(kw, sample=x.clone(), timestep=torch.tensor(900 - 90 * i)))
+        out.append(dict(kw, sample=x.clone(), timestep=torch.tensor(t0 - dt * i)))
     return out
 
 

@@ -13,19 +13,14 @@ import frkern
 from frkern.policies import FASTER_DIFFUSION_KEY_STEPS_50
 from reference_encoder_propagation import FASTER_DIFFUSION_SD50_KEYS, encoder_propagation_reference, uniform_keys
 from test_contract import FAMILIES, assert_close, run_patched
+from test_contract import calls as contract_calls
 from test_pipelines import generate
 from tiny import make_sd_pipeline, sd_prompt_kwargs
 
 
-def calls(base, inputs, steps, batch=2, seed=0):
-    kw = inputs(base, batch)
-    g = torch.Generator().manual_seed(seed)
-    x = kw.pop("sample")
-    out = []
-    for i in range(steps):
-        x = x + 0.05 * torch.randn(x.shape, generator=g)
-        out.append(dict(kw, sample=x.clone(), timestep=torch.tensor(980 - 19 * i)))
-    return out
+def calls(base, inputs, steps, batch=2):
+    # the contract's call sequence, its timesteps spread over a 50-step schedule
+    return contract_calls(base, inputs, steps, batch=batch, t0=980, dt=19)
 
 
 def test_the_published_key_steps_are_the_authors():
