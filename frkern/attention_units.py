@@ -38,7 +38,7 @@ class TGateAttention(_Wrapper):
             return out, out
 
         sig = (tuple(hidden_states.shape[1:]), hidden_states.dtype, hidden_states.device, cross)
-        return rt.unit(self.unit, sig, lambda: step(None), update=step)
+        return rt.unit(self.unit, sig, lambda: step(None), update=step, persist=True)
 
 
 def tgate_supported(attention) -> str | None:

@@ -58,13 +58,14 @@ class FeatureCache:
         e = self._entries.get(key)
         return e is not None and e.generation == self.generation and e.sig == sig
 
-    def slot_view(self, slot, skip=()) -> dict:
+    def slot_view(self, slot, skip=(), only=None) -> dict:
         """unit -> (value, signature) of every current-generation entry of call slot `slot`, but
-        the units in `skip`."""
+        the units in `skip` (and, given `only`, those not in it)."""
         return {
             key[1]: (self._value(e), e.sig)
             for key, e in self._entries.items()
             if key[0] == slot and e.generation == self.generation and key[1] not in skip
+            and (only is None or key[1] in only)
         }
 
     def drop_slot(self, slot, keep=()) -> None:

@@ -21,7 +21,7 @@ from .executor import Executor
 from .family import Call, ModelFamily, find_model
 from .install import Installation, Plan, Target, install, prepare
 from .policies import POLICIES, NoReuse, Policy
-from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
+from .runtime import _PICKLE_MESSAGE, COMPUTE_MODE, FULL_MODE, PROBE_MODE, REUSE_MODE, CallSignature, Runtime
 from .tracking import SchedulerTracker
 from . import unet2d as _unet2d, video as _video  # noqa: F401  (register the built-in families)
 
@@ -280,8 +280,8 @@ class Handle:
         self.runtime.abort_call()
 
     def _cfg_half(self, call):
-        """A call whose two CFG halves compute the same thing (StepPlan.cfg_half): the first half runs,
-        its output stands for both."""
+        """A call whose two CFG halves compute the same thing (StepPlan.cfg_half): one half (the
+        installation's cfg_keep) runs, its output stands for both."""
         n = call.sample.shape[0]
         pipes = [p for p in (r() for r in self._pipelines) if p is not None]
         if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
@@ -292,7 +292,8 @@ class Handle:
             raise ValueError(f"frkern: {self.policy.name} runs one CFG half after its gate, but this call's batch of "
                              f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
                              "without classifier-free guidance")
-        out = self.family.run(self.executor.network, call.samples(n, 0, n // 2))
+        keep = self.installation.plan.cfg_keep
+        out = self.family.run(self.executor.network, call.samples(n, keep * (n // 2), n // 2))
         return torch.cat([out, out])
 
     @torch.compiler.disable
@@ -323,7 +324,7 @@ class Handle:
                 ahead = self._decode_ahead(call)
             if ahead is not None:
                 out = ahead
-            elif plan.cfg_half and self.runtime.mode == REUSE_MODE:
+            elif plan.cfg_half and plan.runs_network and self.runtime.mode in (FULL_MODE, REUSE_MODE):
                 out = self._cfg_half(call)
             elif plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)

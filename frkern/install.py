@@ -52,6 +52,7 @@ class Plan:
     decode_ahead: int = 1  # reuse calls batched into one (EncoderPropagation's parallel decoding)
     wrappers: dict = field(default_factory=dict)  # unit path -> wrapper class, for units outside the family's map
     attention_modes: Any = None  # step -> AttentionModes (T-GATE's attention units)
+    cfg_keep: int = 0  # the CFG half (0: uncond, 1: cond) a StepPlan.cfg_half call runs
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
     begin_checks: list[Callable[[int], None]] = field(default_factory=list)
 
@@ -217,18 +218,26 @@ def _encoder_propagation(target, policy):
     return plan
 
 
+# The families T-GATE is defined on (those its package has loaders for), with the CFG half the
+# package's loader runs after the gate (half="auto").
+TGATE_FAMILIES = {"UNet2DConditionModel": "uncond", "UNetSpatioTemporalConditionModel": "cond"}
+
+
 def attention_phases(target: Target, plan: Plan, policy: TGate) -> None:
-    """Every attention inside the map's spatial transformers becomes a T-GATE attention unit."""
+    """Every attention inside the map's transformers (SVD: spatial and temporal) becomes a T-GATE
+    attention unit."""
     from diffusers.models.attention_processor import Attention
 
     from .attention_units import TGateAttention, tgate_supported
 
-    if target.family.name != "UNet2DConditionModel":
-        raise ValueError(f"frkern.patch: {policy.name} covers image UNets' spatial transformers; the video "
-                         "families' temporal attentions are not part of it")
+    if target.family.name not in TGATE_FAMILIES:
+        raise ValueError(f"frkern.patch: {policy.name} is defined on {' and '.join(TGATE_FAMILIES)} (what the tgate "
+                         f"package covers); {target.family.name}'s motion/temporal attentions are not part of it")
+    half = TGATE_FAMILIES[target.family.name] if policy.half == "auto" else policy.half
+    plan.cfg_keep = 0 if half == "uncond" else 1
     bad = []
     for path, kind in target.parts.units.items():
-        if kind != "transformer":
+        if kind not in ("transformer", "temporal_transformer"):
             continue
         for name, m in target.model.get_submodule(path).named_modules():
             if isinstance(m, Attention):
@@ -246,8 +255,11 @@ def attention_phases(target: Target, plan: Plan, policy: TGate) -> None:
 
 @register_installer(TGate)
 def _tgate(target, policy):
-    plan = Plan()
-    units(target, plan, cache=False)
+    if policy.reuse is not None:  # its own installer's plan, with the attention units added
+        plan = prepare(target, policy.reuse)
+    else:
+        plan = Plan()
+        units(target, plan, cache=False)
     attention_phases(target, plan, policy)
     return plan
 

@@ -327,6 +327,9 @@ class AttentionModes(NamedTuple):
     self_: tuple[bool, bool, bool]
 
 
+TGATE_HALVES = ("auto", "uncond", "cond")
+
+
 @dataclass(frozen=True)
 class TGate(Policy):
     """T-GATE (Liu et al. 2024, "Faster Diffusion via Temporal Attention Decomposition"), in the
@@ -337,13 +340,28 @@ class TGate(Policy):
     fi_interval-th step and reused in between, and (cfg=True: the batch is [uncond, cond]) the two
     CFG halves compute the same thing, so only the first runs and its output is returned for both:
     the pipeline's guidance then yields it exactly (u + s * (u - u) = u). Steps count from the
-    start of the whole schedule."""
+    start of the whole schedule.
+
+    reuse (a DeepCache or an FRDiff policy, or None): feature reuse for the rest of the network, as
+    the package's SD/SDXL DeepCache loaders compose it. Its keyframe grid runs from step 0 up to
+    the gate, steps gate_step - 1 (every attention must run to store its mean) and gate_step (the
+    batch halves: nothing cached before it fits) are keyframes, and the grid restarts at
+    gate_step: step i >= gate_step is a keyframe when (i - gate_step) % interval == 0. FRDiff's
+    score-mixing weight stays that of the absolute step (it follows the sampler's progress).
+    Attention outputs stored by T-GATE outlive keyframes; attentions inside reused parts do not
+    run (they neither store nor read).
+
+    half: which CFG half runs after the gate, "uncond" or "cond"; "auto" = what the package's
+    loader for the model does (SD/SDXL: the unconditional half, whose added conditioning SDXL's
+    time embedding still reads; SVD: the conditional half)."""
 
     gate_step: int = 10
     sp_interval: int = 5
     fi_interval: int = 1
     warm_up: int = 2
     cfg: bool = True
+    reuse: Optional[Union["DeepCache", "FRDiff"]] = None
+    half: str = "auto"
 
     name: ClassVar[str] = "TGate"
 
@@ -353,12 +371,29 @@ class TGate(Policy):
         _check_int("fi_interval", self.fi_interval, 1, "TGate")
         _check_int("warm_up", self.warm_up, 0, "TGate")
         _check_bool("cfg", self.cfg, "TGate")
+        if self.reuse is not None and type(self.reuse) not in (DeepCache, FRDiff):
+            raise ValueError("TGate: reuse must be None, a frkern.DeepCache or a frkern.FRDiff (policies on a "
+                             f"fixed keyframe grid that restarts at the gate), got {self.reuse!r}")
+        if self.half not in TGATE_HALVES:
+            raise ValueError(f"TGate: half must be one of {', '.join(TGATE_HALVES)}, got {self.half!r}")
 
     def plan(self, step: int, num_steps: int) -> StepPlan:
         _check_step(step, num_steps)
-        if step == 0:
-            return FULL
-        return StepPlan(keyframe=False, cfg_half=self.cfg and step >= self.gate_step)
+        half = self.cfg and step >= self.gate_step
+        inner = self.reuse
+        if inner is None:
+            return FULL if step == 0 else StepPlan(keyframe=False, cfg_half=half)
+        g = self.gate_step
+        k = step if step < g - 1 else step - g  # the inner grid restarts at the gate
+        if step in (g - 1, g) or k % inner.interval == 0:
+            return StepPlan(keyframe=True, cfg_half=half)
+        mix = score_mix_lambda(step, num_steps, inner.bias) if isinstance(inner, FRDiff) and inner.score_mix else 1.0
+        return StepPlan(keyframe=False, mix=mix, cfg_half=half)
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        d["reuse"] = None if self.reuse is None else self.reuse.to_dict()
+        return d
 
     def attention_modes(self, step: int) -> AttentionModes:
         compute, cache, reuse = (False, False, False), (True, False, False), (False, True, False)
@@ -472,6 +507,8 @@ def policy_from_dict(data: dict) -> Policy:
     unknown = set(args) - fields
     if unknown:
         raise ValueError(f"{kind}: unknown fields {sorted(unknown)}; accepted: {sorted(fields)}")
+    if isinstance(args.get("reuse"), dict):  # a policy inside a policy (TGate's reuse)
+        args["reuse"] = policy_from_dict(args["reuse"])
     for field in ("keyframes", "jumps", "key_steps"):
         if field in args:
             if not isinstance(args[field], list):

@@ -98,6 +98,9 @@ class Runtime:
         self.attention_modes = None  # step -> AttentionModes, from the plan (T-GATE's attention units)
         self.stats: collections.Counter = collections.Counter()
         self.stateful_units: set[str] = set()
+        # Stateful units whose state outlives keyframes (T-GATE's stored attention outputs): a
+        # keyframe reads and moves it on like a reuse call, and does not drop it.
+        self.persistent_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
         # another step count refuses it before anything runs)
         self.begin_checks: list = []  # units whose state moves on in reuse calls
@@ -234,6 +237,8 @@ class Runtime:
         self.stats["full" if plan.keyframe else ("reuse" if plan.runs_network else "skip")] += 1
         if not plan.keyframe:
             self.probe_reads()
+        elif self.persistent_units:
+            self.reads.update(self.cache.slot_view(self.slot, only=self.persistent_units))
 
     def probe_reads(self) -> None:
         """The slot's cached states, readable by the units (a reuse call; a probe compares the
@@ -261,7 +266,7 @@ class Runtime:
     def end_call(self, plan: StepPlan, call_sig: CallSignature) -> None:
         if self.mode == FULL_MODE and plan.keyframe and self.caches:
             # A keyframe replaces the slot's whole cache: no entry of an older keyframe survives.
-            self.cache.drop_slot(self.slot, keep=(EPS_UNIT,))
+            self.cache.drop_slot(self.slot, keep=(EPS_UNIT, *self.persistent_units))
             memo = {}  # a tensor under two units is stored once (an encoded cache encodes it once)
             for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):
                 self.cache.put((self.slot, unit), value, sig, memo)
@@ -302,21 +307,24 @@ class Runtime:
     # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
     # `reads` and `writes`, whose guards do not change from one step to the next.
     def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None,
-             update: Callable[[Any], tuple] | None = None):
+             update: Callable[[Any], tuple] | None = None, persist: bool = False):
         """The output of reuse unit `name` for this call.
 
         compute() computes it fresh: it returns the output, or (output, state) when the unit
         caches something else than its output; reuse(state) turns a cached state back into the
         output (default: the state is the output). A stateful unit (Skip-Convolution) passes
         update(state) -> (output, new state) instead of reuse: its state moves on every reuse call
-        and is committed after it. `sig` describes the unit's input; a cached state is read only if
+        and is committed after it; persist: that state outlives keyframes (a keyframe moves it on
+        too, and does not drop it). `sig` describes the unit's input; a cached state is read only if
         it was made from an input of the same signature. A state may be any pytree of tensors (a
         unit may cache more than one tensor).
         """
         mode = self.mode
         if update is not None and name not in self.stateful_units:
             self.stateful_units.add(name)
-        if mode == REUSE_MODE:
+        if persist and name not in self.persistent_units:
+            self.persistent_units.add(name)
+        if mode == REUSE_MODE or (persist and mode == FULL_MODE):
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:
                 if update is not None:
@@ -324,7 +332,8 @@ class Runtime:
                     self.writes[name] = (new_state, sig)
                     return output
                 return entry[0] if reuse is None else reuse(entry[0])
-            self.stats["unit_miss"] += 1
+            if mode == REUSE_MODE:
+                self.stats["unit_miss"] += 1
         result = compute()
         output, state = (result, result) if reuse is None and update is None else result
         if mode == FULL_MODE:

@@ -1,7 +1,7 @@
 """frkern.TGate against its oracle, the `tgate` package (1.0.0): the same latents, bit for bit, as
-its SD and SDXL loaders (pipe.tgate(...)) on tiny pipelines, with the pipeline left as diffusers
-wrote it (frkern drops CFG inside the patched UNet after the gate). Plus LoRA, guidance_rescale and
-the refusals."""
+its SD, SDXL, SD+DeepCache, SDXL+DeepCache and SVD loaders (pipe.tgate(...)) on tiny pipelines,
+with the pipeline left as diffusers wrote it (frkern drops CFG inside the patched UNet after the
+gate). Plus LoRA, guidance_rescale and the refusals. (TGate with FRDiff: tests/test_tgate_frdiff.py.)"""
 from __future__ import annotations
 
 import copy
@@ -28,7 +28,7 @@ def _oracle(pipe, loader, prompt, params, **kw):
 def _frkern(pipe, prompt, params, **kw):
     handle = frkern.patch(pipe, frkern.TGate(**params), backend="torch")
     try:
-        out = pipe(**prompt, **RUN, generator=torch.Generator().manual_seed(0), **kw).images
+        out = pipe(**prompt, **dict(RUN, **kw), generator=torch.Generator().manual_seed(0)).images
         return out, dict(handle.stats)
     finally:
         frkern.unpatch(pipe)
@@ -47,6 +47,62 @@ def test_equals_the_tgate_package(kind, params):
     # and it is not full compute
     plain = pipe(**prompt, **RUN, generator=torch.Generator().manual_seed(0)).images
     assert not torch.equal(got, plain)
+
+
+DEEPCACHE_PARAMS = [dict(gate_step=6, sp_interval=1, fi_interval=1, warm_up=0),  # the loaders' defaults but g
+                    dict(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1),
+                    dict(gate_step=5, sp_interval=3, fi_interval=1, warm_up=1)]
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("params", DEEPCACHE_PARAMS, ids=["g6-sp1-fi1-w0", "g4-sp2-fi2-w1", "g5-sp3-fi1-w1"])
+def test_with_deepcache_equals_the_packages_deepcache_loaders(kind, params):
+    """The package's loaders run DeepCache's helper with cache_interval 3, branch 0, restarted at the
+    gate: full steps are i % 3 == 0 before gate - 1, gate - 1, gate, and (i - gate) % 3 == 0 after."""
+    make, prompt, loader = ((make_sd_pipeline, sd_prompt_kwargs(), tgate.TgateSDDeepCacheLoader) if kind == "sd"
+                            else (make_sdxl_pipeline, sdxl_prompt_kwargs(), tgate.TgateSDXLDeepCacheLoader))
+    pipe = make()
+    run = dict(RUN, num_inference_steps=10)
+    ref = loader(copy.deepcopy(pipe))
+    want = ref.tgate(**prompt, **run, generator=torch.Generator().manual_seed(0), **params).images
+    policy = frkern.TGate(**params, reuse=frkern.DeepCache(interval=3, branch=0))
+    handle = frkern.patch(pipe, policy, backend="torch")
+    got = pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+    stats = dict(handle.stats)
+    frkern.unpatch(pipe)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    g = params["gate_step"]
+    full = [i for i in range(10) if (i < g - 1 and i % 3 == 0) or i in (g - 1, g) or (i > g and (i - g) % 3 == 0)]
+    assert stats == {"full": len(full), "reuse": 10 - len(full)}
+    assert [p.keyframe for p in policy.schedule(10)] == [i in full for i in range(10)]
+    # DeepCache changes the result (the comparison is not T-GATE alone again)
+    alone, _ = _frkern(pipe, prompt, params, num_inference_steps=10)
+    assert not torch.equal(got, alone)
+
+
+@pytest.mark.parametrize("params", [PARAMS[0], dict(gate_step=5, sp_interval=3, fi_interval=2, warm_up=0)],
+                         ids=["g4-sp2-fi1-w1", "g5-sp3-fi2-w0"])
+def test_svd_equals_the_packages_svd_loader(params):
+    """SVD: every attention of the spatio-temporal transformers (spatial and temporal, self and
+    cross) is gated, and after the gate the conditional half runs (half="auto" on SVD), as the
+    package's SVD loader does; its per-frame guidance then yields that half exactly."""
+    import tiny_video as tv
+
+    pipe = tv.svd_pipeline()
+    run = dict(height=32, width=32, num_frames=4, num_inference_steps=8, min_guidance_scale=1.0,
+               max_guidance_scale=3.0, output_type="latent")
+    ref = tgate.TgateSVDLoader(copy.deepcopy(pipe))
+    want = ref.tgate(tv.svd_image(), **run, generator=torch.Generator().manual_seed(0), **params).frames
+    handle = frkern.patch(pipe, frkern.TGate(**params), backend="torch")
+    got = pipe(tv.svd_image(), **run, generator=torch.Generator().manual_seed(0)).frames
+    assert handle.stats == {"full": 1, "reuse": 7}
+    frkern.unpatch(pipe)
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    # the other half is not what the package runs
+    frkern.patch(pipe, frkern.TGate(**params, half="uncond"), backend="torch")
+    other = pipe(tv.svd_image(), **run, generator=torch.Generator().manual_seed(0)).frames
+    frkern.unpatch(pipe)
+    assert not torch.equal(other, want)
 
 
 def test_with_a_lora_on_the_unet():
@@ -75,7 +131,8 @@ def test_guidance_rescale_is_exact_up_to_its_rounding():
 def test_refusals():
     from tiny_video import motion_unet
 
-    with pytest.raises(ValueError, match="covers image UNets.*model family UNetMotionModel, policy TGate"):
+    with pytest.raises(ValueError, match="is defined on UNet2DConditionModel and UNetSpatioTemporalConditionModel.*"
+                                         "model family UNetMotionModel, policy TGate"):
         frkern.patch(motion_unet(), frkern.TGate())
     pipe = make_sd_pipeline()
     with pytest.raises(ValueError, match="cuda_graphs=True is not supported"):
@@ -89,11 +146,15 @@ def test_refusals():
     for kwargs, match in [(dict(gate_step=0), "gate_step must be an int >= 1"),
                           (dict(fi_interval=0), "fi_interval must be an int >= 1"),
                           (dict(warm_up=-1), "warm_up must be an int >= 0"),
-                          (dict(cfg=1), "cfg must be True or False")]:
+                          (dict(cfg=1), "cfg must be True or False"),
+                          (dict(half="first"), "half must be one of auto, uncond, cond"),
+                          (dict(reuse=frkern.Clockwork()), "reuse must be None, a frkern.DeepCache or a frkern.FRDiff"),
+                          (dict(reuse="DeepCache"), "reuse must be None")]:
         with pytest.raises(ValueError, match=match):
             frkern.TGate(**kwargs)
-    p = frkern.TGate(gate_step=7, sp_interval=3)
-    assert frkern.from_json(p.to_json()) == p
+    for p in [frkern.TGate(gate_step=7, sp_interval=3), frkern.TGate(reuse=frkern.DeepCache(interval=2, branch=1)),
+              frkern.TGate(half="cond", reuse=frkern.FRDiff(interval=3, score_mix=False))]:
+        assert frkern.from_json(p.to_json()) == p
 
 
 def test_without_cfg_nothing_is_halved_or_averaged():
