@@ -4,7 +4,8 @@ Hopper (sm_90) and Ampere (sm_80), on any machine, without a GPU.
     python bench/aot_compile.py [--set full|test] [--families ...] [--targets 90 80] [--out DIR]
 
 What is compiled is what would launch: each launcher of kernels/ (group_norm_act_triton,
-geglu_triton, score_mix_triton, skip_conv_triton, quantize_triton / dequantize_triton) is called on meta tensors (shapes and strides,
+geglu_triton, score_mix_triton, skip_conv_triton, quantize_triton /
+dequantize_triton / dequantize_add_triton) is called on meta tensors (shapes and strides,
 no data) with a `launch` wrapper that records every kernel launch instead of running it; each
 recorded launch is specialised by Triton's own binder (the code JITFunction.run runs: integer
 arguments equal to 1 become constants, arguments and pointers divisible by 16 get the
@@ -23,7 +24,8 @@ Configurations (--set full, about 400 builds, 7 minutes on one core): SD1.5 at 5
   channels_last: every 3x3 ResNet convolution and 1x1 shortcut of SD1.5 in fp16, three of each in
   bf16 and fp32.
 `--set test` is the subset tests/test_aot_compile.py compiles (every kernel, both targets, every
-GroupNorm channel count in both formats; under a minute on one core).
+GroupNorm channel count in both formats; under a minute on one core). Only the test set has the
+decode-and-add of a transformer branch (fp16, both targets).
 
 Per specialisation it records registers per thread, spill stores/loads and stack (ptxas -v, as
 Triton runs it; registers also read back from the cubin's ELF, where the driver finds them), shared memory (Triton's metadata), and the global loads in the PTX: all of them and
@@ -81,7 +83,7 @@ HOT_LOADS = {
     "geglu": ("h = tl.load(x_ptr", "g = tl.load(x_ptr"),
     "score_mix": ("fr = tl.load(fr_ptr", "key = tl.load(key_ptr"),
     "skip_conv": ("xv = tl.load(x_ptr", "rv = tl.load(r_ptr", "a = tl.load(r_pix", "b = tl.load(w_co"),
-    "quant_cache": ("v = tl.load(x_ptr", "b = tl.load(q_ptr", "v = tl.load(q_ptr"),
+    "quant_cache": ("v = tl.load(x_ptr", "q = tl.load(q_ptr", "xv = tl.load(x_ptr"),
 }
 
 
@@ -176,6 +178,15 @@ def configurations(which: str):
         add("quant_cache", {"model": model, "shape": [2, C, side, side], "dtype": dtype, "format": fmt,
                             "op": f"cache {fmt} encode + decode"}, call, targets)
 
+    def quant_add(model, shape, dtype, fmt, targets=None):
+        def call(torch, k, launch):
+            x = torch.empty(shape, device="meta", dtype=getattr(torch, dtype))
+            q = torch.empty(shape, device="meta", dtype=k.quant_cache.STORAGE[fmt])
+            scale = torch.empty(*shape[:2], 1, device="meta", dtype=torch.float32)
+            k.quant_cache.dequantize_add_triton(x, q, scale, launch=launch)
+        add("quant_cache", {"model": model, "shape": list(shape), "dtype": dtype, "format": fmt,
+                            "op": f"hidden + cached branch ({fmt} decode + add)"}, call, targets)
+
     if test:
         quant("sd15", 320, 64, "float16", "int8")
         quant("sd15", 1280, 16, "bfloat16", "fp8_e4m3", targets=(90,))
@@ -188,6 +199,8 @@ def configurations(which: str):
             gn("sd15", C, side, dtype, "channels_last", chan, targets=(90, 80) if C in (320, 1920) else (90,))
         gn("sd15", 320, 64, "float16", "nchw", chan=False)
         gn("sd15", 1280, 16, "bfloat16", "nchw", chan=True, targets=(90,))
+        # the transformer branch's decode-and-add (hidden + cached branch)
+        quant_add("sd15", (2, 4096, 320), "float16", "int8")
         geglu(*GEGLU[0], "float16")
         mix("sd15", [2, 4, 64, 64], "bfloat16")
         conv(320, 320, 64, 3, "float16", "channels_last")
