@@ -3,8 +3,8 @@ Hopper (sm_90) and Ampere (sm_80), on any machine, without a GPU.
 
     python bench/aot_compile.py [--set full|test] [--families ...] [--targets 90 80] [--out DIR]
 
-What is compiled is what would launch: each launcher of kernels/ (group_norm_act_triton,
-geglu_triton, score_mix_triton, skip_conv_triton, quantize_triton /
+What is compiled is what would launch: each launcher of kernels/ (group_norm_act_triton, also
+decoding or encoding the cache, geglu_triton, score_mix_triton, skip_conv_triton, quantize_triton /
 dequantize_triton / dequantize_add_triton) is called on meta tensors (shapes and strides,
 no data) with a `launch` wrapper that records every kernel launch instead of running it; each
 recorded launch is specialised by Triton's own binder (the code JITFunction.run runs: integer
@@ -25,7 +25,8 @@ Configurations (--set full, about 400 builds, 7 minutes on one core): SD1.5 at 5
   bf16 and fp32.
 `--set test` is the subset tests/test_aot_compile.py compiles (every kernel, both targets, every
 GroupNorm channel count in both formats; under a minute on one core). Only the test set has the
-decode-and-add of a transformer branch (fp16, both targets).
+cache codec's fused variants: GroupNorm decoding an int8 and an fp8 cache and encoding int8 (sm_90),
+and the decode-and-add of a transformer branch (fp16, both targets).
 
 Per specialisation it records registers per thread, spill stores/loads and stack (ptxas -v, as
 Triton runs it; registers also read back from the cubin's ELF, where the driver finds them), shared memory (Triton's metadata), and the global loads in the PTX: all of them and
@@ -133,16 +134,25 @@ def configurations(which: str):
             cfg["targets"] = list(targets)
         out.append((family, cfg, call))
 
-    def gn(model, C, side, dtype, fmt, chan, targets=None):
+    def gn(model, C, side, dtype, fmt, chan, targets=None, decode=None, encode=None):
+        """decode: x is the cache's q in this format (NCHW, channel scales), decoded to dtype in the
+        prologue; encode: the raw x also encoded to this format (channel scales)."""
         def call(torch, k, launch):
             mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
             dt = getattr(torch, dtype)
-            x = torch.empty(2, C, side, side, device="meta", dtype=dt).contiguous(memory_format=mf)
             w = torch.empty(C, device="meta", dtype=dt)
             t = torch.empty(2, C, device="meta", dtype=dt) if chan else None
-            k.group_norm.group_norm_act_triton(x, w, w, 32, 1e-5, None, t, True, launch=launch)
+            codec = {"quantize": (encode, "channel", 64)} if encode else {}
+            if decode:
+                x = torch.empty(2, C, side, side, device="meta", dtype=k.quant_cache.STORAGE[decode])
+                codec = {"x_scale": torch.empty(2, C, 1, device="meta", dtype=torch.float32), "x_dtype": dt}
+            else:
+                x = torch.empty(2, C, side, side, device="meta", dtype=dt).contiguous(memory_format=mf)
+            k.group_norm.group_norm_act_triton(x, w, w, 32, 1e-5, None, t, True, launch=launch, **codec)
+        op = ("GN+SiLU" + (" + temb" if chan else "") + (f" of {decode} x (decoded)" if decode else "")
+              + (f", {encode} encode" if encode else ""))
         add("group_norm", {"model": model, "shape": [2, C, side, side], "groups": 32, "dtype": dtype, "format": fmt,
-                           "op": "GN+SiLU" + (" + temb" if chan else "")}, call, targets)
+                           "op": op}, call, targets)
 
     def geglu(name, tokens, inner, dtype, targets=None):
         def call(torch, k, launch):
@@ -199,7 +209,11 @@ def configurations(which: str):
             gn("sd15", C, side, dtype, "channels_last", chan, targets=(90, 80) if C in (320, 1920) else (90,))
         gn("sd15", 320, 64, "float16", "nchw", chan=False)
         gn("sd15", 1280, 16, "bfloat16", "nchw", chan=True, targets=(90,))
-        # the transformer branch's decode-and-add (hidden + cached branch)
+        # the cache codec fused into GroupNorm: a reuse step's decode of the cached conv1 output
+        # (+ temb, int8 and fp8), a keyframe's encode; and the transformer branch's decode-and-add
+        gn("sd15", 320, 64, "float16", "nchw", chan=True, targets=(90,), decode="int8")
+        gn("sd15", 640, 32, "bfloat16", "nchw", chan=True, targets=(90,), decode="fp8_e4m3")
+        gn("sd15", 320, 64, "float16", "channels_last", chan=True, targets=(90,), encode="int8")
         quant_add("sd15", (2, 4096, 320), "float16", "int8")
         geglu(*GEGLU[0], "float16")
         mix("sd15", [2, 4, 64, 64], "bfloat16")
