@@ -58,11 +58,12 @@ class FeatureCache:
         e = self._entries.get(key)
         return e is not None and e.generation == self.generation and e.sig == sig
 
-    def slot_view(self, slot, skip=(), only=None) -> dict:
+    def slot_view(self, slot, skip=(), only=None, encoded=()) -> dict:
         """unit -> (value, signature) of every current-generation entry of call slot `slot`, but
-        the units in `skip` (and, given `only`, those not in it)."""
+        the units in `skip` (and, given `only`, those not in it); the units in `encoded` get their
+        value as stored (their consumers decode it)."""
         return {
-            key[1]: (self._value(e), e.sig)
+            key[1]: (e.value if key[1] in encoded else self._value(e), e.sig)
             for key, e in self._entries.items()
             if key[0] == slot and e.generation == self.generation and key[1] not in skip
             and (only is None or key[1] in only)

@@ -12,11 +12,18 @@ was. `CacheFormat` is frozen and has a JSON form of its own.
 Only floating tensors of 2 or more dimensions are encoded (features, the keyframe's output);
 scalars and masks are stored as they are.
 
-Where: FeatureCache encodes when a call's states are committed (after the call) and decodes when
-a call's reads are prepared (before it), on the handle's backend (Triton kernels on CUDA). So the
-cache at rest holds the compressed form; one decoded copy of what a reuse call reads lives for
-that call. (Fusing the encode into the producing kernel and the decode into the consuming one is
-not done.)
+Where (int8 / fp8_e4m3), on the handle's backend (Triton kernels on CUDA; the torch backend runs
+the same arithmetic as separate PyTorch ops):
+- a ResNet's cached conv1 output (FRDiff's largest part) is encoded by the keyframe's fused
+  GroupNorm (norm2, which reads it anyway) and decoded in the reuse step's GroupNorm prologue:
+  no pass of its own at either end (kernels/group_norm.py);
+- a cached residual branch (transformers, motion modules) is decoded inside the reuse step's
+  `input + branch` (kernels/quant_cache.py dequantize_add); its encode is a pass of its own
+  (its producer is a GEMM, its first consumer diffusers' add);
+- everything else (segment outputs, the keyframe's output, adaptive references, T-GATE's
+  attention states) is encoded when a call's states are committed (after the call) and decoded
+  when a call's reads are prepared (before it): their consumers are cuDNN / cuBLAS or diffusers'
+  own code. One decoded copy of those lives for the reuse call.
 """
 from __future__ import annotations
 
@@ -104,11 +111,22 @@ def check_device_support(fmt: CacheFormat, device: torch.device) -> None:
 
 class Encoded(NamedTuple):
     """A tensor in a compressed format: data (cast or quantized), scales (or None), the dtype it
-    decodes to. A tuple, so the cache's byte count sees its tensors."""
+    decodes to, the scale group size (group scales). A tuple, so the cache's byte count sees its
+    tensors."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     dtype: torch.dtype
+    group_size: int = 0
+
+
+def decoded(value: Any, backend: str) -> Any:
+    """A tensor as computed from an Encoded (anything else as it is)."""
+    if not isinstance(value, Encoded):
+        return value
+    if value.scale is None:
+        return value.data.to(value.dtype)
+    return ops.dequantize_cache(value.data, value.scale, value.dtype, value.group_size, backend=backend)
 
 
 class Codec:
@@ -116,6 +134,12 @@ class Codec:
 
     def __init__(self, fmt: CacheFormat, backend: str):
         self.fmt, self.backend = fmt, backend
+
+    @property
+    def quantize(self) -> tuple[str, str, int] | None:
+        """(format, scales, group size) for kernels that encode what they read (int8 / fp8), or None."""
+        f = self.fmt
+        return (f.dtype, f.scales, f.group_size) if f.dtype in QUANTIZED else None
 
     def _encodes(self, t: torch.Tensor) -> bool:
         return t.is_floating_point() and t.dim() >= 2 and t.dtype not in (torch.float64,)
@@ -132,10 +156,10 @@ class Codec:
                 return memo[key][1]
             fmt = self.fmt
             if fmt.dtype in CAST:
-                enc = Encoded(value.to(CAST[fmt.dtype]), None, value.dtype)
+                enc = Encoded(value.to(CAST[fmt.dtype]), None, value.dtype, 0)
             else:
                 q, scale = ops.quantize_cache(value, fmt.dtype, fmt.scales, fmt.group_size, backend=self.backend)
-                enc = Encoded(q, scale, value.dtype)
+                enc = Encoded(q, scale, value.dtype, fmt.group_size)
             memo[key] = (value, enc)  # the tensor held too: its id stays its own while the memo lives
             return enc
         if isinstance(value, Encoded):
@@ -150,9 +174,7 @@ class Codec:
 
     def decode(self, value: Any) -> Any:
         if isinstance(value, Encoded):
-            if value.scale is None:
-                return value.data.to(value.dtype)
-            return ops.dequantize_cache(value.data, value.scale, value.dtype, self.fmt.group_size, backend=self.backend)
+            return decoded(value, self.backend)
         if isinstance(value, tuple):
             return tuple(self.decode(v) for v in value)
         if isinstance(value, list):

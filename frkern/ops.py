@@ -73,12 +73,25 @@ if triton_available():
         add_channel: Optional[torch.Tensor],
         silu: bool,
         write_sum: bool,
+        x_scale: Optional[torch.Tensor] = None,
+        x_group_size: int = 64,
+        x_dtype: Optional[torch.dtype] = None,
+        q_format: str = "",
+        q_scales: str = "channel",
+        q_group_size: int = 64,
     ) -> list[torch.Tensor]:
         # Same body as kernels.group_norm.group_norm_act_triton, with launches wrapped for tracing.
-        y, s = _gn.group_norm_act_triton(
-            x, weight, bias, num_groups, eps, add, add_channel, silu, write_sum, launch=torch.library.wrap_triton
+        # Returns [y, (pre-norm sum), (q, scales of x when q_format)].
+        out = _gn.group_norm_act_triton(
+            x, weight, bias, num_groups, eps, add, add_channel, silu, write_sum, launch=torch.library.wrap_triton,
+            x_scale=x_scale, x_group_size=x_group_size, x_dtype=x_dtype,
+            quantize=(q_format, q_scales, q_group_size) if q_format else None,
         )
-        return [y, s] if write_sum else [y]
+        return [out[0], *([out[1]] if write_sum else []), *(list(out[2]) if q_format else [])]
+
+    @torch.library.triton_op("frkern::dequantize_add", mutates_args=())
+    def _dequantize_add_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
+        return _qc.dequantize_add_triton(x, q, scale, group_size, launch=torch.library.wrap_triton)
 
     @torch.library.triton_op("frkern::score_mix", mutates_args=())
     def _score_mix_op(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float) -> torch.Tensor:
@@ -131,7 +144,7 @@ if triton_available():
 # ---------------------------------------------------------------------------------------------
 
 OPS = ("group_norm_act", "geglu", "score_mix", "skip_conv", "skip_conv_temporal", "quantize_cache",
-       "dequantize_cache")
+       "dequantize_cache", "dequantize_add")
 TORCH_ONLY = ("skip_conv_temporal",)  # ops with no Triton kernel (counted on the torch side only)
 
 
@@ -270,32 +283,45 @@ def group_norm_act(
     add: Optional[torch.Tensor] = None,
     add_channel: Optional[torch.Tensor] = None,
     backend: str = "auto",
-) -> torch.Tensor:
-    """act(norm(x + add + add_channel[:, :, None, None]))."""
+    x_scale: Optional[torch.Tensor] = None,
+    x_group_size: int = 64,
+    x_dtype: Optional[torch.dtype] = None,
+    quantize: Optional[tuple[str, str, int]] = None,
+):
+    """act(norm(x + add + add_channel[:, :, None, None])).
+
+    x_scale: x is a compressed cache's quantized tensor (kernels/quant_cache.py) with its scales,
+    decoded to x_dtype first (in the kernel's prologue on Triton). quantize=(format, scales,
+    group_size): also returns x's encoding, (y, (q, scale)) (written by the kernel on Triton)."""
+    codec = dict(x_scale=x_scale, x_group_size=x_group_size, x_dtype=x_dtype, quantize=quantize)
 
     def reference():
-        return _gn.group_norm_act_reference(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel,
-                                            silu)[0]
+        out = _gn.group_norm_act_reference(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel,
+                                           silu, **codec)
+        return out[0] if quantize is None else (out[0], out[2])
 
     if not use_triton(backend, x):
         out = reference()
         if not torch.compiler.is_compiling():
             _count("group_norm_act", "torch")
         return out
-    if torch.compiler.is_compiling():  # traced as one op; no host-side bookkeeping in the graph
-        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu,
-                                  False)[0]
+
+    def triton_path():  # traced as one op under torch.compile
+        out = _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu,
+                                 False, x_scale, x_group_size, x_dtype, *(quantize or ("", "channel", 64)))
+        return out[0] if quantize is None else (out[0], (out[1], out[2]))
+
+    if torch.compiler.is_compiling():  # no host-side bookkeeping in the graph
+        return triton_path()
 
     def key():
         return (x.dtype, x.device.type, (x.shape[1], norm.num_groups, norm.weight is not None, norm.bias is not None,
-                                         silu, _layout(x), _layout(add), _layout(add_channel)))
-
-    def triton_path():
-        return _group_norm_act_op(x, norm.weight, norm.bias, norm.num_groups, norm.eps, add, add_channel, silu,
-                                  False)[0]
+                                         silu, _layout(x), _layout(add), _layout(add_channel),
+                                         None if x_scale is None else (x_scale.shape[-1] > 1, x_group_size, x_dtype),
+                                         quantize))
 
     def check():
-        _gn.check_group_norm_args(x, norm.weight, norm.bias, norm.num_groups, add, add_channel)
+        _gn.check_group_norm_args(x, norm.weight, norm.bias, norm.num_groups, add, add_channel, **codec)
 
     return _guarded("group_norm_act", backend, key, check, triton_path, reference)
 
@@ -471,6 +497,14 @@ def quantize_cache(x, fmt: str, scales: str, group_size: int, *, backend: str = 
     """(q, float32 scales) of a cached tensor (kernels/quant_cache.py)."""
     return _cache_codec_op("quantize_cache", _qc.quantize_triton, _qc.quantize_reference, x,
                            (x, fmt, scales, group_size), backend)
+
+
+def dequantize_add(x, q, scale, group_size: int, *, backend: str = "auto"):
+    """x + the cached tensor (q, scale) decoded to x's dtype, in one pass on Triton (kernels/quant_cache.py)."""
+    if use_triton(backend, x) and torch.compiler.is_compiling():
+        return _dequantize_add_op(x, q, scale, group_size)
+    return _cache_codec_op("dequantize_add", _qc.dequantize_add_triton, _qc.dequantize_add_reference, x,
+                           (x, q, scale, group_size), backend)
 
 
 def dequantize_cache(q, scale, dtype, group_size: int, *, backend: str = "auto"):

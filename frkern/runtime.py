@@ -101,6 +101,9 @@ class Runtime:
         # Stateful units whose state outlives keyframes (T-GATE's stored attention outputs): a
         # keyframe reads and moves it on like a reuse call, and does not drop it.
         self.persistent_units: set[str] = set()
+        # Units whose consumers decode a compressed cached state themselves (a fused kernel reads
+        # it): their reads are handed over as stored (frkern.cache_format.Encoded).
+        self.encoded_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
         # another step count refuses it before anything runs)
         self.begin_checks: list = []  # units whose state moves on in reuse calls
@@ -243,7 +246,7 @@ class Runtime:
     def probe_reads(self) -> None:
         """The slot's cached states, readable by the units (a reuse call; a probe compares the
         indicator with its state)."""
-        self.reads.update(self.cache.slot_view(self.slot, skip=(EPS_UNIT,)))
+        self.reads.update(self.cache.slot_view(self.slot, skip=(EPS_UNIT,), encoded=self.encoded_units))
 
     def resolve(self, plan: StepPlan, reuse: bool) -> StepPlan:
         """After a probe: the call's final plan. What the probe computed (its `writes`) becomes
@@ -307,7 +310,7 @@ class Runtime:
     # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
     # `reads` and `writes`, whose guards do not change from one step to the next.
     def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None,
-             update: Callable[[Any], tuple] | None = None, persist: bool = False):
+             update: Callable[[Any], tuple] | None = None, persist: bool = False, encoded: bool = False):
         """The output of reuse unit `name` for this call.
 
         compute() computes it fresh: it returns the output, or (output, state) when the unit
@@ -315,7 +318,8 @@ class Runtime:
         output (default: the state is the output). A stateful unit (Skip-Convolution) passes
         update(state) -> (output, new state) instead of reuse: its state moves on every reuse call
         and is committed after it; persist: that state outlives keyframes (a keyframe moves it on
-        too, and does not drop it). `sig` describes the unit's input; a cached state is read only if
+        too, and does not drop it); encoded: reuse() takes the state as stored in a compressed
+        cache (an Encoded, or a tensor) and decodes it itself. `sig` describes the unit's input; a cached state is read only if
         it was made from an input of the same signature. A state may be any pytree of tensors (a
         unit may cache more than one tensor).
         """
@@ -324,6 +328,8 @@ class Runtime:
             self.stateful_units.add(name)
         if persist and name not in self.persistent_units:
             self.persistent_units.add(name)
+        if encoded and name not in self.encoded_units:
+            self.encoded_units.add(name)
         if mode == REUSE_MODE or (persist and mode == FULL_MODE):
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:

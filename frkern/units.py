@@ -21,7 +21,8 @@ from torch import nn
 
 from . import ops
 from .cache import signature
-from .runtime import Runtime
+from .cache_format import Encoded, decoded
+from .runtime import FULL_MODE, Runtime
 
 
 def _primary_input(args, kwargs) -> torch.Tensor:
@@ -102,13 +103,20 @@ class _Wrapper(nn.Module):
         gate = self.gates.get(path)
         return module(x) if gate is None else gate(module, x)
 
-    def cached(self, sig, compute, reuse=None, update=None):
+    def cached(self, sig, compute, reuse=None, update=None, encoded=False):
         """This unit's output through the runtime's unit protocol (see Runtime.unit), or simply
         computed when the policy caches nothing here."""
         if not self.cache_unit:
             result = compute()
             return result if reuse is None and update is None else result[0]
-        return self.runtime.unit(self.unit, sig, compute, reuse, update)
+        return self.runtime.unit(self.unit, sig, compute, reuse, update, encoded=encoded)
+
+    @property
+    def quantize(self) -> tuple[str, str, int] | None:
+        """(format, scales, group size) when this unit caches into an int8 / fp8 cache: its kernels
+        then encode what they cache and decode what they read (frkern.cache_format)."""
+        codec = self.runtime.cache.codec
+        return codec.quantize if self.cache_unit and codec is not None else None
 
     def extra_repr(self) -> str:
         return f"unit={self.unit!r}, cached={self.cache_unit}"
@@ -131,6 +139,15 @@ class ReusedResnetBlock2D(_Wrapper):
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
 
+    def _norm2(self, conv1_out, chan):
+        """SiLU(norm2(conv1's output + the time-embedding projection)); a cached conv1 output in an
+        int8 / fp8 cache is decoded in the fused kernel's prologue."""
+        h = conv1_out
+        if isinstance(h, Encoded) and h.scale is not None:
+            return ops.group_norm_act(h.data, self.original.norm2, silu=True, add_channel=chan, backend=self.backend,
+                                      x_scale=h.scale, x_group_size=h.group_size, x_dtype=h.dtype)
+        return self._norm_act(decoded(h, self.backend), self.original.norm2, add_channel=chan)
+
     def forward(self, input_tensor, temb, *args, **kwargs):
         o = self.original  # its children are ours (shared dicts): whatever is in the tree now
         resample = o.upsample if o.upsample is not None else o.downsample
@@ -143,22 +160,38 @@ class ReusedResnetBlock2D(_Wrapper):
                 hidden = hidden.contiguous()
             return self._conv("conv1", resample(hidden))
 
-        hidden = self.cached(signature(input_tensor), conv1_branch)
-        if resample is not None:
-            if o.upsample is not None and input_tensor.shape[0] >= 64:
-                input_tensor = input_tensor.contiguous()
-            input_tensor = resample(input_tensor)
-
         chan = None  # the time-embedding projection, one value per (batch, channel)
         if o.time_emb_proj is not None:
             if not o.skip_time_act:
                 temb = o.nonlinearity(temb)
             chan = temb = o.time_emb_proj(temb)
-        if o.time_embedding_norm == "default":
+        fused = self.silu and o.time_embedding_norm == "default" and (temb is None or chan is not None)
+        if fused:
+            # The unit's output is norm2's (conv1 output + chan, normalised, SiLU); its state is conv1's
+            # output, which a keyframe's norm2 kernel encodes into an int8 / fp8 cache as it reads it.
+            quantize = self.quantize
+
+            def compute():
+                h = conv1_branch()
+                if quantize is not None and self.runtime.mode == FULL_MODE:
+                    y, (q, scale) = ops.group_norm_act(h, o.norm2, silu=True, add_channel=chan, backend=self.backend,
+                                                       quantize=quantize)
+                    return y, Encoded(q, scale, h.dtype, quantize[2])
+                return self._norm2(h, chan), h
+
+            hidden = self.cached(signature(input_tensor), compute, lambda h: self._norm2(h, chan), encoded=True)
+        else:
+            hidden = self.cached(signature(input_tensor), conv1_branch)
+        if resample is not None:
+            if o.upsample is not None and input_tensor.shape[0] >= 64:
+                input_tensor = input_tensor.contiguous()
+            input_tensor = resample(input_tensor)
+
+        if not fused and o.time_embedding_norm == "default":
             if temb is not None and chan is None:
                 hidden = hidden + temb
             hidden = self._norm_act(hidden, o.norm2, add_channel=chan)
-        else:  # scale_shift (patch refuses other kinds)
+        elif not fused:  # scale_shift (patch refuses other kinds)
             if temb is None:
                 raise ValueError("`temb` should not be None when `time_embedding_norm` is scale_shift")
             scale, shift = torch.chunk(temb[:, :, None, None] if chan is not None else temb, 2, dim=1)
@@ -239,7 +272,14 @@ class _ResidualBranch(_Wrapper):
 
         # a frame count is part of the signature: (batch * frames) alone does not fix the layout
         sig = signature(hidden_states) if frames is None else signature(hidden_states) + (frames,)
-        return self.cached(sig, branch_and_output, lambda branch: hidden_states + branch)
+        return self.cached(sig, branch_and_output, lambda branch: self._add_branch(hidden_states, branch),
+                           encoded=True)
+
+    def _add_branch(self, x, branch):
+        """x + a cached branch; one in an int8 / fp8 cache is decoded inside the add."""
+        if isinstance(branch, Encoded) and branch.scale is not None and branch.dtype == x.dtype:
+            return ops.dequantize_add(x, branch.data, branch.scale, branch.group_size, backend=self.backend)
+        return x + decoded(branch, self.backend)
 
 
 def _frames_to_batch(projected, hidden_states, frames):

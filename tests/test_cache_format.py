@@ -289,3 +289,25 @@ def test_emulated_cuda_graphs_equal_eager_in_a_compressed_format(name):
         assert_close(run_patched(graphed, h_graph, seq), run_patched(eager, h_eager, seq), 0, f"graphs {name}")
         assert h_graph.stats == h_eager.stats
     assert h_graph.graph_stats["replays"] > 0
+
+
+def test_resnet_and_branch_caches_are_coded_inside_their_consumers():
+    """int8 FRDiff: a keyframe's ResNet conv1 outputs are encoded by the fused norm2 (no
+    quantize_cache pass for them), a reuse call decodes them in norm2's prologue and the transformer
+    branches inside `input + branch` (dequantize_add): no separate decode pass at all."""
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    make, inputs, _ = FAMILIES["sd"]
+    model = make()
+    seq = calls(model, inputs)
+    transformers = sum(isinstance(m, Transformer2DModel) for m in model.modules())
+    handle = frkern.patch(model, frkern.FRDiff(interval=2, score_mix=False), backend="torch", cache="int8")
+    handle.begin(STEPS)
+    frkern.kernel_report(reset=True)
+    got = run_patched(model, handle, seq)
+    report = frkern.kernel_report(reset=True)
+    assert handle.stats == {"full": 2, "reuse": 2} and all(torch.isfinite(t).all() for t in got)
+    assert transformers > 0
+    assert report["quantize_cache"]["torch"] == 2 * transformers  # the branches, at each keyframe
+    assert report["dequantize_cache"]["torch"] == 0
+    assert report["dequantize_add"]["torch"] == 2 * transformers  # each branch, at each reuse call

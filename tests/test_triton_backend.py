@@ -44,8 +44,11 @@ def test_noreuse_triton_matches_unpatched(kind):
     assert rel(out, ref) <= RTOL[torch.float32]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frdiff_triton_matches_torch_backend(dtype):
+@pytest.mark.parametrize("dtype, cache", [(torch.float32, "model"), (torch.bfloat16, "model"), (torch.float32, "int8"),
+                                          (torch.float32, "fp8_e4m3"), (torch.bfloat16, "int8")])
+def test_frdiff_triton_matches_torch_backend(dtype, cache):
+    """With an int8 / fp8 cache the Triton path encodes conv1 outputs in the keyframe's norm2 kernel
+    and decodes them in the reuse call's norm2 prologue and the branches in dequantize_add."""
     outs = {}
     for backend in ("torch", "triton"):
         unet = sd_unet(layers_per_block=1, block_out_channels=(24, 40), norm_num_groups=4,
@@ -53,14 +56,19 @@ def test_frdiff_triton_matches_torch_backend(dtype):
                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")).to(dtype)
         sample, ehs, _ = sd_inputs(unet, size=8, dtype=dtype)
         unet, sample, ehs = on_device(unet, sample, ehs)
-        handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=True, bias=0.0), backend=backend)
+        handle = frkern.patch(unet, frkern.FRDiff(interval=2, score_mix=True, bias=0.0), backend=backend, cache=cache)
         handle.begin(3)
         res = []
+        frkern.kernel_report(reset=True)
         with torch.no_grad():
             for i in range(3):  # full, blend (lambda 0.5 + ...), full
                 handle.set_step(i)
                 res.append(unet(sample * (1 - 0.1 * i), 900 - 200 * i, ehs).sample)
+        report = frkern.kernel_report(reset=True)
         assert handle.stats == {"full": 2, "reuse": 1}
+        if cache != "model":
+            # nothing decoded in a pass of its own (lambda is 1 at step 1: the keyframe output is not read)
+            assert report["dequantize_add"][backend] > 0 and report["dequantize_cache"][backend] == 0
         outs[backend] = res
     for a, b in zip(outs["triton"], outs["torch"]):
         assert rel(a, b) <= RTOL[dtype]
