@@ -16,10 +16,16 @@ class TGateAttention(_Wrapper):
     reusable = True
     swap_when_not_cached = False
 
+    def __init__(self, original, runtime, unit, cache_unit, backend):
+        super().__init__(original, runtime, unit, cache_unit, backend)
+        runtime.declare(unit, persistent=True)  # its stored output outlives keyframes
+
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         rt = self.runtime
         cross = encoder_hidden_states is not None
-        modes = rt.attention_modes(rt.step)
+        modes = rt.attention_now
+        if modes is None:  # a call outside a tracked generation: plain attention, nothing stored
+            return self.original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         store, reuse, average = modes.cross if cross else modes.self_
 
         def step(state):
@@ -38,7 +44,7 @@ class TGateAttention(_Wrapper):
             return out, out
 
         sig = (tuple(hidden_states.shape[1:]), hidden_states.dtype, hidden_states.device, cross)
-        return rt.unit(self.unit, sig, lambda: step(None), update=step, persist=True)
+        return rt.unit(self.unit, sig, lambda: step(None), update=step)
 
 
 def tgate_supported(attention) -> str | None:

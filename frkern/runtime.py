@@ -96,8 +96,13 @@ class Runtime:
         # what the later call must pass for it to apply); dropped with the generation.
         self.ahead: dict = {}
         self.attention_modes = None  # step -> AttentionModes, from the plan (T-GATE's attention units)
+        # This call's AttentionModes (None outside a tracked call): set on the host, so a compiled
+        # network sees a few distinct values (one graph per step kind), not the step number.
+        self.attention_now = None
         self.stats: collections.Counter = collections.Counter()
-        self.stateful_units: set[str] = set()
+        # What units are, declared by their wrappers when installed (declare()); fixed from then on,
+        # so a compiled network's guards on them never change.
+        self.stateful_units: set[str] = set()  # their state moves on at every reuse call (update())
         # Stateful units whose state outlives keyframes (T-GATE's stored attention outputs): a
         # keyframe reads and moves it on like a reuse call, and does not drop it.
         self.persistent_units: set[str] = set()
@@ -130,6 +135,8 @@ class Runtime:
         new = Runtime(self.policy, copy.deepcopy(self.watch.model, memo), self.caches, self.reuse_limit,
                       self.cache.codec)
         new.begin_checks = list(self.begin_checks)
+        new.stateful_units, new.persistent_units = set(self.stateful_units), set(self.persistent_units)
+        new.encoded_units = set(self.encoded_units)
         new.attention_modes = self.attention_modes
         memo[id(self)] = new
         return new
@@ -197,6 +204,7 @@ class Runtime:
     def start_call(self, call_sig: CallSignature) -> StepPlan:
         if self.mode != OFF:
             raise RuntimeError("frkern: nested call of a patched model")
+        self.attention_now = None
         if not self.caches:
             # Kernels only: no step protocol needed, nothing is read or written.
             self.mode = FULL_MODE
@@ -219,12 +227,15 @@ class Runtime:
             return FULL
         self._calls_in_generation += 1
         plan = self.policy.plan(self.step, self.num_steps)
+        # A call that cannot reuse computes in full; what it runs (one CFG half) stays as planned.
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
-            plan = FULL
+            plan = FULL if not plan.cfg_half else StepPlan(keyframe=True, cfg_half=True)
         if plan.decide and self.reuse_limit is not None and self._reuse_run.get(self.slot, 0) >= self.reuse_limit:
             self.stats["forced"] += 1  # the longest run of reuse calls is reached
             plan = FULL
+        if self.attention_modes is not None:
+            self.attention_now = self.attention_modes(self.step)
         self.reads.clear()
         self.writes.clear()
         self.pending.clear()
@@ -309,28 +320,30 @@ class Runtime:
     # --- the unit protocol ---------------------------------------------------------------------
     # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
     # `reads` and `writes`, whose guards do not change from one step to the next.
+    def declare(self, name: str, stateful: bool = False, persistent: bool = False, encoded: bool = False) -> None:
+        """What unit `name` is (its wrapper says so when installed): stateful (update() moves its state
+        on at every reuse call), persistent (that state outlives keyframes too), encoded (its reuse()
+        takes the state as a compressed cache stores it and decodes it itself)."""
+        for flag, units in ((stateful or persistent, self.stateful_units), (persistent, self.persistent_units),
+                            (encoded, self.encoded_units)):
+            if flag:
+                units.add(name)
+
     def unit(self, name: str, sig: tuple, compute: Callable[[], Any], reuse: Callable[[Any], Any] | None = None,
-             update: Callable[[Any], tuple] | None = None, persist: bool = False, encoded: bool = False):
+             update: Callable[[Any], tuple] | None = None):
         """The output of reuse unit `name` for this call.
 
         compute() computes it fresh: it returns the output, or (output, state) when the unit
         caches something else than its output; reuse(state) turns a cached state back into the
         output (default: the state is the output). A stateful unit (Skip-Convolution) passes
         update(state) -> (output, new state) instead of reuse: its state moves on every reuse call
-        and is committed after it; persist: that state outlives keyframes (a keyframe moves it on
-        too, and does not drop it); encoded: reuse() takes the state as stored in a compressed
-        cache (an Encoded, or a tensor) and decodes it itself. `sig` describes the unit's input; a cached state is read only if
+        and is committed after it (declare() says which units are stateful, persistent or take their
+        state encoded). `sig` describes the unit's input; a cached state is read only if
         it was made from an input of the same signature. A state may be any pytree of tensors (a
         unit may cache more than one tensor).
         """
         mode = self.mode
-        if update is not None and name not in self.stateful_units:
-            self.stateful_units.add(name)
-        if persist and name not in self.persistent_units:
-            self.persistent_units.add(name)
-        if encoded and name not in self.encoded_units:
-            self.encoded_units.add(name)
-        if mode == REUSE_MODE or (persist and mode == FULL_MODE):
+        if mode == REUSE_MODE or (mode == FULL_MODE and name in self.persistent_units):
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:
                 if update is not None:

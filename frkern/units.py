@@ -103,13 +103,13 @@ class _Wrapper(nn.Module):
         gate = self.gates.get(path)
         return module(x) if gate is None else gate(module, x)
 
-    def cached(self, sig, compute, reuse=None, update=None, encoded=False):
+    def cached(self, sig, compute, reuse=None, update=None):
         """This unit's output through the runtime's unit protocol (see Runtime.unit), or simply
         computed when the policy caches nothing here."""
         if not self.cache_unit:
             result = compute()
             return result if reuse is None and update is None else result[0]
-        return self.runtime.unit(self.unit, sig, compute, reuse, update, encoded=encoded)
+        return self.runtime.unit(self.unit, sig, compute, reuse, update)
 
     @property
     def quantize(self) -> tuple[str, str, int] | None:
@@ -131,6 +131,8 @@ class ReusedResnetBlock2D(_Wrapper):
     def __init__(self, original, runtime, unit, cache_unit, backend):
         super().__init__(original, runtime, unit, cache_unit, backend)
         self.__dict__["silu"] = isinstance(original.nonlinearity, nn.SiLU)
+        if cache_unit:
+            runtime.declare(unit, encoded=True)  # norm2's prologue decodes a cached conv1 output
 
     def _norm_act(self, x, norm, add_channel=None):
         if self.silu:
@@ -179,9 +181,9 @@ class ReusedResnetBlock2D(_Wrapper):
                     return y, Encoded(q, scale, h.dtype, quantize[2])
                 return self._norm2(h, chan), h
 
-            hidden = self.cached(signature(input_tensor), compute, lambda h: self._norm2(h, chan), encoded=True)
+            hidden = self.cached(signature(input_tensor), compute, lambda h: self._norm2(h, chan))
         else:
-            hidden = self.cached(signature(input_tensor), conv1_branch)
+            hidden = decoded(self.cached(signature(input_tensor), conv1_branch), self.backend)
         if resample is not None:
             if o.upsample is not None and input_tensor.shape[0] >= 64:
                 input_tensor = input_tensor.contiguous()
@@ -222,6 +224,8 @@ class _ResidualBranch(_Wrapper):
         object.__setattr__(self, "_capturing", False)
         object.__setattr__(self, "_hook", None)
         self.rebind()
+        if cache_unit:
+            runtime.declare(unit, encoded=True)  # input + branch decodes a cached branch
 
     def rebind(self):
         """Hook whatever the branch's child is now (called again by the weights watch whenever a
@@ -272,8 +276,7 @@ class _ResidualBranch(_Wrapper):
 
         # a frame count is part of the signature: (batch * frames) alone does not fix the layout
         sig = signature(hidden_states) if frames is None else signature(hidden_states) + (frames,)
-        return self.cached(sig, branch_and_output, lambda branch: self._add_branch(hidden_states, branch),
-                           encoded=True)
+        return self.cached(sig, branch_and_output, lambda branch: self._add_branch(hidden_states, branch))
 
     def _add_branch(self, x, branch):
         """x + a cached branch; one in an int8 / fp8 cache is decoded inside the add."""
@@ -408,6 +411,7 @@ class ConvGate:
     def __init__(self, runtime: Runtime, unit: str, backend: str, tile: int, threshold: float):
         self.runtime, self.unit, self.backend = runtime, unit, backend
         self.tile, self.threshold = tile, float(threshold)
+        runtime.declare(unit, stateful=True)
         self._place = None
         self.last_active = None
         self.last_affected = None

@@ -158,3 +158,50 @@ def test_parallel_decoding_in_a_hand_written_loop_runs_each_call_alone():
         outs.append(run_patched(model, handle, seq))
     assert handle.stats["decoded_alone"] == 4 and "decoded_ahead" not in handle.stats
     assert_close(outs[1], outs[0], 0, "hand loop")
+
+
+def _graph_case():
+    from test_contract import COMPILE_MODELS
+
+    policy, steps = frkern.EncoderPropagation(interval=2), 6
+    base = COMPILE_MODELS["sd"]()
+    seq = calls(base, FAMILIES["sd"][1], steps)
+    eager = copy.deepcopy(base)
+    h_eager = frkern.patch(eager, policy, backend="torch")
+    h_eager.begin(steps)
+    return policy, steps, base, seq, run_patched(eager, h_eager, seq), h_eager.stats
+
+
+def test_emulated_cuda_graphs_equal_eager():
+    """Graphs (emulated capture on a CPU): one capture per step kind, bit-equal to eager over two
+    generations."""
+    from devices import EmulatedCapture
+
+    policy, steps, base, seq, want, stats = _graph_case()
+    graphed = copy.deepcopy(base)
+    h_graph = frkern.patch(graphed, policy, backend="torch", cuda_graphs=True)
+    h_graph.graphs.capture = EmulatedCapture()
+    for generation in range(2):
+        h_graph.begin(steps)
+        assert_close(run_patched(graphed, h_graph, seq), want, 0, f"graphs, generation {generation}")
+        assert h_graph.stats == stats
+    assert h_graph.graph_stats["captures"] == 2 and h_graph.graph_stats["replays"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_has_no_breaks_and_no_recompiles():
+    from torch._dynamo.utils import counters
+
+    policy, steps, base, seq, want, stats = _graph_case()
+    model = copy.deepcopy(base)
+    handle = frkern.patch(model, policy, backend="torch")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    for generation in range(2):
+        handle.begin(steps)
+        with torch._dynamo.config.patch(error_on_recompile=generation > 0):
+            assert_close(run_patched(compiled, handle, seq), want, 0, f"compiled, generation {generation}")
+        assert handle.stats == stats
+    assert sum(counters["graph_break"].values()) == 0
+    torch._dynamo.reset()
