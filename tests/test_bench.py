@@ -147,6 +147,36 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
     assert res["reuse"]["total"]["floor_us"] < 0.5 * res["full"]["total"]["floor_us"]
 
 
+def test_step_anatomy_reuse_call_by_cache_format():
+    # What a reuse call reads from an int8 cache, on the real patched model (meta device, fp32
+    # here): FRDiff reads every stored tensor once, its ResNet and transformer states in their
+    # consumers; DeepCache's segment outputs are decoded by passes of their own before the call,
+    # also those no op of the call reads (read, not used).
+    from step_anatomy import anatomy, reuse_by_cache_format
+
+    import frkern
+
+    for policy in (frkern.FRDiff(interval=3), frkern.DeepCache(interval=3)):
+        model, int8 = reuse_by_cache_format("small", policy, ("model", "int8"), dtype=torch.float32)
+        if isinstance(policy, frkern.FRDiff):  # "model" is anatomy()'s reuse call, op for op
+            reuse = anatomy("small", policy, dtype=torch.float32)["reuse"]["total"]
+            assert (model["ops"], model["mb"], model["floor_us"]) == (reuse["ops"], reuse["mb"], reuse["floor_us"])
+        assert model["used_mb"] == model["cache_read_mb"] and model["decode_passes"] == 0
+        assert int8["cache_read_mb"] == int8["stored_mb"] > 0  # every stored tensor read, scales included
+        assert 0.25 < int8["used_mb"] / model["used_mb"] < 0.3  # 1 byte of 4, and the scales
+        if isinstance(policy, frkern.FRDiff):
+            assert model["cache_read_mb"] == model["stored_mb"] and int8["used_mb"] == int8["cache_read_mb"]
+            assert int8["decode_passes"] == 1  # the keyframe's output (score mixing); the units in their consumers
+            assert int8["ops"] == model["ops"] + 1
+            # the consumers read the stored bytes in place of the model's: the rest of the call is the same
+            moved = model["mb"] - model["cache_read_mb"] + int8["cache_read_mb"]
+            assert moved < int8["mb"] < moved + 0.1
+        else:
+            assert model["cache_read_mb"] < model["stored_mb"]  # the call's ops read some segment outputs
+            assert int8["decode_passes"] > 0 and int8["ops"] == model["ops"] + int8["decode_passes"]
+            assert int8["used_mb"] < int8["cache_read_mb"]
+
+
 # Every bench script with a command line (configs, flops, options, record and tiny_model have none).
 SCRIPTS = ["latency", "quality", "autofr_search", "compile_check", "host_overhead", "kernel_bench",
            "step_anatomy", "train_tiny", "calibrate_adaptive", "data_parallel", "video_anatomy"]
