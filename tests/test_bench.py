@@ -78,19 +78,43 @@ def test_latency_harness_graph_and_compile_variants(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_kernel_bench_smoke(tmp_path):
+    import csv
+
     import kernel_bench
 
     rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--out", str(tmp_path)])
-    assert len(rows) == 2 * 3 + 1 + 1 + 4 + 2  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU; skip conv x 4;
-    # the cache codec: int8 and fp8 (bit-identical to the reference, else "not timed")
+    assert len(rows) == 2 * 3 + 1 + 1 + 2 + 4 + 4  # GroupNorm: 2 formats x 3 cases; score mix; GEGLU;
+    # the cache codec: int8 and fp8 (bit-identical to the reference, else "not timed"); the cache's
+    # consumers: norm2 decoding int8 / fp8, x + int8 branch, the keyframe's norm2 encoding int8; skip conv x 4
     codec = [r for r in rows if r["case"].startswith("cache ")]
     assert [r["case"] for r in codec] == ["cache int8 per-channel", "cache fp8_e4m3 per-channel"]
     assert all(r["bytes_ratio"] < 0.3 and r["ms_decode"] > 0 for r in codec)  # float32 in the smoke run
+    consumers = [r for r in rows if "ms_baseline" in r]
+    assert [r["case"] for r in consumers] == ["reuse norm2 from int8 cache (decode in prologue)",
+                                              "reuse norm2 from fp8_e4m3 cache (decode in prologue)",
+                                              "x + branch from int8 cache (dequantize_add)",
+                                              "keyframe norm2 + int8 encode (quantize= fused)"]
+    assert all(r["ms_fused"] > 0 and r["ms_unfused"] > 0 and r["baseline_over_fused"] > 0 and r["gbps_fused"] > 0
+               for r in consumers)
     skip = [r for r in rows if r["case"].startswith("skip conv")]
     assert [round(r["active_frac"] * 6) for r in skip] == [6, 3, 2, 1]  # of 6 tiles per image: as drawn
     assert all(r["affected_frac"] >= r["active_frac"] and r["dense_over_gated"] > 0 for r in skip)
     assert all(r["max_abs_err"] <= kernel_bench.TOL[torch.float32] and "note" not in r for r in rows)
-    assert (tmp_path / "kernels_cpu_float32.csv").exists()
+    with open(tmp_path / "kernels_cpu_float32.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == [r["case"] for r in rows]
+
+
+def test_kernel_bench_time_budget_keeps_the_rows_measured(tmp_path):
+    # Past --time-budget nothing more is timed: the rows so far are written, and a last row says so.
+    import csv
+
+    import kernel_bench
+
+    rows = kernel_bench.main(["--smoke", "--dtype", "float32", "--cases", "score_mix", "geglu",
+                              "--time-budget", "0", "--out", str(tmp_path)])
+    assert [r["case"] for r in rows] == ["stopped"] and "--time-budget 0 s reached" in rows[0]["note"]
+    with open(tmp_path / "kernels_cpu_float32.csv") as f:
+        assert [r["case"] for r in csv.DictReader(f)] == ["stopped"]
 
 
 def test_policy_spec_parsing():

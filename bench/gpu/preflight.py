@@ -8,8 +8,10 @@ Checks, each reported on its own line (`ok` / `FAILED: why`), then one last line
 `PREFLIGHT OK` or `PREFLIGHT FAILED: <checks>` (exit 1):
 - imports: frkern is the installed copy (not the source tree) and no top-level `kernels` module is
   importable (diffusers probes for Hugging Face's `kernels` package by that name);
-- ops: each custom op (group_norm_act, score_mix, geglu, skip_conv) on backend="triton" against
-  its PyTorch reference, and kernel_report() shows them on Triton with no fallback;
+- ops: each custom op (group_norm_act, score_mix, geglu, skip_conv, the cache codec: quantize,
+  dequantize, dequantize_add, group_norm_act decoding an int8 x in its prologue and encoding one)
+  on backend="triton" against its PyTorch reference, and kernel_report() shows every op with a
+  Triton kernel on Triton with no fallback;
 - graph: the ops captured in one torch.cuda.CUDAGraph and replayed on new inputs (CUDA only);
 - patched graphs: a small SD-layout UNet patched with FRDiff (score mixing) on the Triton backend
   with cuda_graphs=True, two 6-step generations, equal to the eager patched UNet, graphs replayed
@@ -107,6 +109,20 @@ def main(argv=None) -> int:
                 raise AssertionError(f"quantize_cache {fmt}: Triton differs from the reference")
             close(frkern.ops.dequantize_cache(q, s, dtype, 16, backend="triton"), x, f"dequantize_cache {fmt}",
                   tol=0.07 if fmt == "fp8_e4m3" else 0.01)
+        # the codec inside its consumers: x + a cached branch, norm2 decoding a cached conv1 output in
+        # its prologue, the keyframe's norm2 encoding what it reads
+        q, s = frkern.ops.quantize_cache(x, "int8", "channel", 64, backend="triton")  # NCHW, as the decoders need
+        close(frkern.ops.dequantize_add(x, q, s, 64, backend="triton"),
+              frkern.ops.dequantize_add(x, q, s, 64, backend="torch"), "dequantize_add")
+        decode = dict(silu=True, add_channel=temb, x_scale=s, x_group_size=64, x_dtype=dtype)
+        close(frkern.ops.group_norm_act(q, norm, backend="triton", **decode),
+              frkern.ops.group_norm_act(q, norm, backend="torch", **decode), "group_norm_act decoding int8")
+        encode = dict(silu=True, add_channel=temb, quantize=("int8", "channel", 64))
+        (y, (q_gn, s_gn)), (y_ref, _) = (frkern.ops.group_norm_act(x, norm, backend=b, **encode)
+                                         for b in ("triton", "torch"))
+        close(y, y_ref, "group_norm_act encoding int8")
+        if not (torch.equal(q_gn, q) and torch.equal(s_gn, s)):
+            raise AssertionError("group_norm_act encoding int8: its codes differ from quantize_cache's")
         report = frkern.ops.kernel_report()
         fallbacks = {op: r["fallbacks"] for op, r in report.items() if r["fallbacks"]}
         missing = [op for op, r in report.items() if r["triton"] == 0 and op not in frkern.ops.TORCH_ONLY]

@@ -15,7 +15,11 @@
 #   preflight  bench/gpu/preflight.py, ~20-30 s: custom ops on Triton, the ops in one CUDA graph, a
 #              patched UNet under cuda_graphs=True. A failure stops the round (exit 1).
 #   tests      pytest on the GPU: kernel, CUDA-graph and compile tests
-#   kernels    bench/kernel_bench.py at SD1.5 shapes
+#   kernels    bench/kernel_bench.py at SD1.5 shapes (fused kernels vs unfused, the cache codec, the
+#              compressed cache's consumers: norm2 decoding int8 / fp8, x + int8 branch, the keyframe's
+#              norm2 encoding int8), with --time-budget 100 (20 s inside the stage's 120 s): past it
+#              nothing more is timed and the rows measured are kept (Skip-Convolution's, timed last,
+#              are cut first)
 #   latency    bench/latency.py, SD1.5 fp16 batch 2 (CFG), 50 steps: eager, eager in one CUDA graph,
 #              the deepcache package, frkern NoReuse / FRDiff M=3 + score mixing / Clockwork /
 #              DeepCache / Adaptive / SkipConv with kernels + CUDA graphs, each checked against its eager run

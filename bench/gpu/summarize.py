@@ -172,13 +172,23 @@ def latency_table(lat: dict) -> list[str]:
 
 def kernel_table(text: str) -> list[str]:
     rows = list(csv.DictReader(text.splitlines()))
-    plain = [r for r in rows if not r.get("case", "").startswith("skip conv")]
     skip = [r for r in rows if r.get("case", "").startswith("skip conv")]
+    # the compressed cache: the codec's rows (ms_encode) and its consumers' (ms_baseline: an fp16 cache)
+    cache = [r for r in rows if r not in skip and (r.get("ms_encode") or r.get("ms_baseline") or r.get("bytes_ratio"))]
+    plain = [r for r in rows if r not in skip and r not in cache]
     lines = []
     if plain:
         lines += table(["case", "shape", "format", "ms fused", "ms unfused", "unfused/fused", "GB/s fused", "note"],
                        [[r["case"], r["shape"], r["format"], _ms(r.get("ms_fused"), 4), _ms(r.get("ms_unfused"), 4),
                          _ms(r.get("speedup")), _ms(r.get("gbps_fused"), 0), r.get("note", "")] for r in plain])
+    if cache:
+        lines += [""] + table(
+            ["compressed cache", "shape", "format", "bytes ratio", "ms fused", "ms unfused", "unfused/fused",
+             "ms fp16 cache", "fp16/fused", "GB/s fused", "ms encode", "ms decode", "ms copy", "note"],
+            [[r["case"], r["shape"], r["format"], _ms(r.get("bytes_ratio")), _ms(r.get("ms_fused"), 4),
+              _ms(r.get("ms_unfused"), 4), _ms(r.get("speedup")), _ms(r.get("ms_baseline"), 4),
+              _ms(r.get("baseline_over_fused")), _ms(r.get("gbps_fused"), 0), _ms(r.get("ms_encode"), 4),
+              _ms(r.get("ms_decode"), 4), _ms(r.get("ms_copy"), 4), r.get("note", "")] for r in cache])
     if skip:
         lines += [""] + table(
             ["skip conv", "shape", "format", "active", "affected", "ms gated", "ms gate", "ms dense (cuDNN)",
