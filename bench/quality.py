@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import frkern  # noqa: E402
 from calibrate_adaptive import scheduler  # noqa: E402
 from flops import count_gflop, skipped_conv_flops  # noqa: E402
+from frkern.policies import FASTER_DIFFUSION_KEY_STEPS_50  # noqa: E402
 from tiny_model import load, load_photos, sample  # noqa: E402
 from train_tiny import random_crops  # noqa: E402
 
@@ -69,6 +70,21 @@ def methods(ref_steps: int, autofr_dirs=(COMMITTED_RESULTS,)):
             for m in (2, 3, 4)]
     out += [("Clockwork", f"Clockwork c={c}", frkern.Clockwork(c), ref_steps) for c in (2, 3, 4)]
     out += [("DeepCache", f"DeepCache N={n}", frkern.DeepCache(n, 0), ref_steps) for n in (2, 3, 5)]
+    # T-GATE at the tgate package's SD settings (self-attention cached every 5th step before the gate,
+    # every step after it; warm-up 2); its SD default gates at step 10 of 25, 40% of the schedule: gate 20
+    # is that fraction of 50 steps, gate 10 gates twice as early. Composed with DeepCache N=3 (branch 0)
+    # as the package's SD DeepCache loader does.
+    out += [("T-GATE", f"T-GATE gate {g}", frkern.TGate(gate_step=g, sp_interval=5, fi_interval=1, warm_up=2), ref_steps)
+            for g in (10, 20)]
+    out += [("T-GATE + DeepCache N=3", f"T-GATE gate {g} + DeepCache N=3",
+             frkern.TGate(gate_step=g, sp_interval=5, fi_interval=1, warm_up=2, reuse=frkern.DeepCache(3, 0)), ref_steps)
+            for g in (10, 20)]
+    # Encoder propagation: the authors' key steps for 50-step SD, and uniform key steps (parallel decoding
+    # changes latency, not the result: parallel=1 throughout)
+    out += [("Encoder propagation, authors' key steps", "EncProp key steps 0,1,2,3,5,10,15,25,35",
+             frkern.EncoderPropagation(key_steps=FASTER_DIFFUSION_KEY_STEPS_50), ref_steps)]
+    out += [("Encoder propagation, uniform", f"EncProp interval {k}", frkern.EncoderPropagation(interval=k), ref_steps)
+            for k in (3, 5)]
     out += [("Clockwork, learned adaptor", f"Clockwork c={c} learned", frkern.Clockwork(c, adaptor=path), ref_steps)
             for c, path in adaptors("ddim", ref_steps)]
     out += [("SkipConv", f"SkipConv t={t}", frkern.SkipConv(t, tile=4), ref_steps) for t in SKIPCONV_THRESHOLDS]
@@ -130,6 +146,13 @@ def adaptive_methods(ref_steps: int):
 
 
 SKIPCONV_THRESHOLDS = (0.01, 0.02, 0.05, 0.1)
+# Families drawn with their own markers and colours (the others take the colour cycle in turn).
+FAMILY_STYLE = {
+    "T-GATE": ("s-", dict(color="black", markersize=7)),
+    "T-GATE + DeepCache N=3": ("^--", dict(color="black", markersize=8)),
+    "Encoder propagation, authors' key steps": ("D", dict(color="darkgoldenrod", markersize=7)),
+    "Encoder propagation, uniform": ("D--", dict(color="darkgoldenrod", markersize=7, markerfacecolor="white")),
+}
 
 
 def skipped_conv_gflop(handle, fn) -> float:
@@ -264,21 +287,21 @@ def write(rows, args):
                 + "PSNR/SSIM: against the reference images from the same noise (higher is closer). "
                 "SWD: sliced Wasserstein distance of 7x7 patches to the training data (lower is closer).\n\n"
                 + "\n".join(lines) + "\n")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.8))
     for family in dict.fromkeys(r["family"] for r in rows):
         rs = sorted([r for r in rows if r["family"] == family and r["psnr_identical"] == 0], key=lambda r: r["gflop_per_image"])
         if not rs:
             continue
-        style = "o" if family == "Auto-FR" else "o-"
+        style, kw = FAMILY_STYLE.get(family, ("o" if family == "Auto-FR" else "o-", {}))
         for ax, key in zip(axes, ("psnr", "ssim")):
-            ax.plot([r["gflop_per_image"] for r in rs], [r[key] for r in rs], style, label=family)
+            ax.plot([r["gflop_per_image"] for r in rs], [r[key] for r in rs], style, label=family, **kw)
     for ax, key in zip(axes, ("PSNR to full-compute DDIM-50 (dB)", "SSIM to full-compute DDIM-50")):
         ax.set_xlabel("UNet GFLOP per image (CFG included)")
         ax.set_ylabel(key)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=7.5)
     fig.suptitle("frkern tiny model: quality vs cost (same noise and labels)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.77, 1))
     fig.savefig(stem + ".png", dpi=110)
     print(f"wrote {stem}.json, .md, .png")
 
