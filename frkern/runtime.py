@@ -109,6 +109,9 @@ class Runtime:
         # Units whose consumers decode a compressed cached state themselves (a fused kernel reads
         # it): their reads are handed over as stored (frkern.cache_format.Encoded).
         self.encoded_units: set[str] = set()
+        # Every unit read through unit(): a compressed state of theirs is decoded there, when (and
+        # only if) the call reaches the unit, not for the whole slot before the call.
+        self.protocol_units: set[str] = set()
         # begin_checks(num_steps) run when a generation starts (e.g. a learned adaptor made for
         # another step count refuses it before anything runs)
         self.begin_checks: list = []  # units whose state moves on in reuse calls
@@ -136,7 +139,7 @@ class Runtime:
                       self.cache.codec)
         new.begin_checks = list(self.begin_checks)
         new.stateful_units, new.persistent_units = set(self.stateful_units), set(self.persistent_units)
-        new.encoded_units = set(self.encoded_units)
+        new.encoded_units, new.protocol_units = set(self.encoded_units), set(self.protocol_units)
         new.attention_modes = self.attention_modes
         memo[id(self)] = new
         return new
@@ -252,12 +255,12 @@ class Runtime:
         if not plan.keyframe:
             self.probe_reads()
         elif self.persistent_units:
-            self.reads.update(self.cache.slot_view(self.slot, only=self.persistent_units))
+            self.reads.update(self.cache.slot_view(self.slot, only=self.persistent_units, encoded=self.protocol_units))
 
     def probe_reads(self) -> None:
         """The slot's cached states, readable by the units (a reuse call; a probe compares the
         indicator with its state)."""
-        self.reads.update(self.cache.slot_view(self.slot, skip=(EPS_UNIT,), encoded=self.encoded_units))
+        self.reads.update(self.cache.slot_view(self.slot, skip=(EPS_UNIT,), encoded=self.protocol_units))
 
     def resolve(self, plan: StepPlan, reuse: bool) -> StepPlan:
         """After a probe: the call's final plan. What the probe computed (its `writes`) becomes
@@ -324,6 +327,7 @@ class Runtime:
         """What unit `name` is (its wrapper says so when installed): stateful (update() moves its state
         on at every reuse call), persistent (that state outlives keyframes too), encoded (its reuse()
         takes the state as a compressed cache stores it and decodes it itself)."""
+        self.protocol_units.add(name)
         for flag, units in ((stateful or persistent, self.stateful_units), (persistent, self.persistent_units),
                             (encoded, self.encoded_units)):
             if flag:
@@ -346,11 +350,14 @@ class Runtime:
         if mode == REUSE_MODE or (mode == FULL_MODE and name in self.persistent_units):
             entry = self.reads.get(name)
             if entry is not None and entry[1] == sig:
+                state = entry[0]
+                if self.cache.codec is not None and name not in self.encoded_units:
+                    state = self.cache.codec.decode(state)  # a compressed state, decoded where it is read
                 if update is not None:
-                    output, new_state = update(entry[0])
+                    output, new_state = update(state)
                     self.writes[name] = (new_state, sig)
                     return output
-                return entry[0] if reuse is None else reuse(entry[0])
+                return state if reuse is None else reuse(state)
             if mode == REUSE_MODE:
                 self.stats["unit_miss"] += 1
         result = compute()

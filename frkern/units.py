@@ -54,6 +54,8 @@ class _Wrapper(nn.Module):
         for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             object.__setattr__(self, name, getattr(original, name))
         self.train(original.training)
+        if cache_unit:
+            runtime.declare(unit)  # read through the unit protocol
 
     def __getattr__(self, name):
         try:

@@ -95,7 +95,8 @@ def quantize_reference(x, fmt: str, scales: str = "channel", group_size: int = 6
         q = torch.round(y).clamp_(-127, 127).to(torch.int8)
     else:
         q = y.clamp(-448.0, 448.0).to(STORAGE[fmt])
-    return q.reshape(x.shape), scale
+    # row-major codes whatever x's layout (as the kernels write them: the decoders index rows)
+    return q.reshape(x.shape).contiguous(), scale
 
 
 def dequantize_reference(q, scale, dtype, group_size: int = 64):

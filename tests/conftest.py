@@ -32,8 +32,18 @@ def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (the extended suite)")
 
 
+def slow_enabled(config) -> bool:
+    return bool(config.getoption("--run-slow") or os.environ.get("FRKERN_SLOW") == "1")
+
+
+def skip_unless_slow(request, why: str) -> None:
+    """For one case of a parametrised matrix (a marker cannot name it): the extended tier only."""
+    if not slow_enabled(request.config):
+        pytest.skip(f"slow: the extended suite runs it (python -m pytest --run-slow): {why}")
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow") or os.environ.get("FRKERN_SLOW") == "1":
+    if slow_enabled(config):
         return
     skip = pytest.mark.skip(reason="slow: the extended suite runs it (python -m pytest --run-slow)")
     for item in items:

@@ -137,7 +137,10 @@ def _outer_units(ref, kinds):
     return hooks
 
 
-CASES = [(f, p, "sd") for f in FORMATS for p in POLICIES] + [
+# Every policy in int8 and fp8; the cast formats and group scales (one code path per policy kind:
+# units, segments) on FRDiff and DeepCache.
+CASES = [(f, p, "sd") for f in FORMATS for p in POLICIES
+         if f in ("int8", "fp8") or p in ("FRDiff-mix", "DeepCache-1")] + [
     (f, p, "svd") for f in ("int8", "fp8") for p in ("FRDiff-mix", "DeepCache-1")]
 
 
@@ -311,3 +314,4 @@ def test_resnet_and_branch_caches_are_coded_inside_their_consumers():
     assert report["quantize_cache"]["torch"] == 2 * transformers  # the branches, at each keyframe
     assert report["dequantize_cache"]["torch"] == 0
     assert report["dequantize_add"]["torch"] == 2 * transformers  # each branch, at each reuse call
+

@@ -54,8 +54,9 @@ DEEPCACHE_PARAMS = [dict(gate_step=6, sp_interval=1, fi_interval=1, warm_up=0), 
                     dict(gate_step=5, sp_interval=3, fi_interval=1, warm_up=1)]
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("params", DEEPCACHE_PARAMS, ids=["g6-sp1-fi1-w0", "g4-sp2-fi2-w1", "g5-sp3-fi1-w1"])
+@pytest.mark.parametrize("kind, params", [("sd", DEEPCACHE_PARAMS[0]), ("sd", DEEPCACHE_PARAMS[1]),
+                                          ("sd", DEEPCACHE_PARAMS[2]), ("sdxl", DEEPCACHE_PARAMS[1])],
+                         ids=["sd-g6-sp1-fi1-w0", "sd-g4-sp2-fi2-w1", "sd-g5-sp3-fi1-w1", "sdxl-g4-sp2-fi2-w1"])
 def test_with_deepcache_equals_the_packages_deepcache_loaders(kind, params):
     """The package's loaders run DeepCache's helper with cache_interval 3, branch 0, restarted at the
     gate: full steps are i % 3 == 0 before gate - 1, gate - 1, gate, and (i - gate) % 3 == 0 after."""
