@@ -323,6 +323,12 @@ class Runtime:
     # --- the unit protocol ---------------------------------------------------------------------
     # Runs inside the network (and so inside torch.compile's graph): it touches only `mode`,
     # `reads` and `writes`, whose guards do not change from one step to the next.
+    @property
+    def stores(self) -> bool:
+        """Does this call store the states its units compute (a keyframe)? A unit may produce that
+        state in its stored form then (a kernel encoding it for a compressed cache)."""
+        return self.mode == FULL_MODE
+
     def declare(self, name: str, stateful: bool = False, persistent: bool = False, encoded: bool = False) -> None:
         """What unit `name` is (its wrapper says so when installed): stateful (update() moves its state
         on at every reuse call), persistent (that state outlives keyframes too), encoded (its reuse()

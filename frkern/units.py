@@ -22,7 +22,7 @@ from torch import nn
 from . import ops
 from .cache import signature
 from .cache_format import Encoded, decoded
-from .runtime import FULL_MODE, Runtime
+from .runtime import Runtime
 
 
 def _primary_input(args, kwargs) -> torch.Tensor:
@@ -177,7 +177,7 @@ class ReusedResnetBlock2D(_Wrapper):
 
             def compute():
                 h = conv1_branch()
-                if quantize is not None and self.runtime.mode == FULL_MODE:
+                if quantize is not None and self.runtime.stores:
                     y, (q, scale) = ops.group_norm_act(h, o.norm2, silu=True, add_channel=chan, backend=self.backend,
                                                        quantize=quantize)
                     return y, Encoded(q, scale, h.dtype, quantize[2])

@@ -50,7 +50,9 @@ def steady():
 @pytest.mark.parametrize(
     "kind, policy",
     [
-        ("sd", frkern.FRDiff(interval=2)),  # full, reuse, and the jump steps' copy (mixing runs outside)
+        # full, reuse, and the jump steps' copy (mixing runs outside); extended tier: the contract suite
+        # compiles units (svd, with an int8 cache) and a segment cut (sd) in the default run
+        pytest.param("sd", frkern.FRDiff(interval=2), marks=pytest.mark.slow),
         pytest.param("sd", frkern.SkipConv(0.2, tile=4), marks=pytest.mark.slow),  # stateful units: the reuse
         # graph moves the state on
     ],

@@ -41,9 +41,15 @@ def latents_and_inputs(unet, dtype):
     return sample[:1], (sample, ehs, kw)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("interval, score_mix", [(2, True), (3, False), (2, False)])
+def _bf16_once(cases, keep):
+    """bf16 (CPU bf16 is slow) on one case by default, the rest in the extended tier."""
+    return [c if c[1] is torch.float32 or c == keep else pytest.param(*c, marks=pytest.mark.slow) for c in cases]
+
+
+@pytest.mark.parametrize("kind, dtype, interval, score_mix", _bf16_once(
+    [(k, d, i, m) for k in ("sd", "sdxl") for d in (torch.float32, torch.bfloat16) for i, m in ((2, True), (3, False),
+                                                                                               (2, False))],
+    keep=("sd", torch.bfloat16, 2, True)))
 def test_frdiff_matches_definition(kind, dtype, interval, score_mix):
     unet, ref_unet = make(kind, dtype)
     latents, inputs = latents_and_inputs(unet, dtype)
@@ -84,9 +90,9 @@ def test_frdiff_matches_definition(kind, dtype, interval, score_mix):
     assert rel(x_got, x_full) > 10 * TOL[dtype]
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("clock", [2, 3])
+@pytest.mark.parametrize("kind, dtype, clock", _bf16_once(
+    [(k, d, c) for k in ("sd", "sdxl") for d in (torch.float32, torch.bfloat16) for c in (2, 3)],
+    keep=("sd", torch.bfloat16, 2)))
 def test_clockwork_matches_definition(kind, dtype, clock):
     unet, ref_unet = make(kind, dtype)
     latents, inputs = latents_and_inputs(unet, dtype)

@@ -81,7 +81,8 @@ def test_with_deepcache_equals_the_packages_deepcache_loaders(kind, params):
     assert not torch.equal(got, alone)
 
 
-@pytest.mark.parametrize("params", [PARAMS[0], dict(gate_step=5, sp_interval=3, fi_interval=2, warm_up=0)],
+@pytest.mark.parametrize("params", [PARAMS[0], pytest.param(dict(gate_step=5, sp_interval=3, fi_interval=2, warm_up=0),
+                                                             marks=pytest.mark.slow)],
                          ids=["g4-sp2-fi1-w1", "g5-sp3-fi2-w0"])
 def test_svd_equals_the_packages_svd_loader(params):
     """SVD: every attention of the spatio-temporal transformers (spatial and temporal, self and
