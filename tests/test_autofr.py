@@ -261,8 +261,9 @@ def test_search_refuses_a_bad_start():
     assert getattr(unet, "_frkern_handle", None) is None
 
 
-@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0), ("euler", 0.0),
-                                       ("euler_a", 0.0), ("unipc", 0.0)])
+@pytest.mark.parametrize("name, eta", [("ddim", 0.0), ("ddim", 0.5), ("dpmpp_2m", 0.0),  # the rest: extended tier
+                                       *[pytest.param(n, e, marks=pytest.mark.slow)
+                                         for n, e in (("euler", 0.0), ("euler_a", 0.0), ("unipc", 0.0))]])
 def test_searched_policy_replays_through_a_diffusers_pipeline(name, eta):
     """A short search runs with each scheduler; the policy it returns, replayed by frkern in a real
     StableDiffusionPipeline on the held-out batch (step noise from step_generator of its seed), scores

@@ -140,8 +140,9 @@ def _outer_units(ref, kinds):
 # Every policy in int8 and fp8; the cast formats and group scales (one code path per policy kind:
 # units, segments) on FRDiff and DeepCache.
 CASES = [(f, p, "sd") for f in FORMATS for p in POLICIES
-         if f in ("int8", "fp8") or p in ("FRDiff-mix", "DeepCache-1")] + [
-    (f, p, "svd") for f in ("int8", "fp8") for p in ("FRDiff-mix", "DeepCache-1")]
+         if f in ("int8", "fp8") or p in ("FRDiff-mix", "DeepCache-1")] + [("int8", "FRDiff-mix", "svd")] + [
+    pytest.param(f, p, "svd", marks=pytest.mark.slow)  # extended tier: the same paths as above
+    for f, p in (("fp8", "FRDiff-mix"), ("int8", "DeepCache-1"), ("fp8", "DeepCache-1"))]
 
 
 @pytest.mark.parametrize("fmt, name, family", CASES)

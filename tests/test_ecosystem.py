@@ -252,7 +252,7 @@ def img2img_pipeline(kind, scheduler):
 @pytest.mark.parametrize("kind, scheduler", [
     ("img2img", "ddim"), ("img2img", "dpm"), ("inpaint", "ddim"), ("sdxl", "euler"),
 ])
-@pytest.mark.parametrize("strength", [0.45, 0.7, 1.0])
+@pytest.mark.parametrize("strength", [0.45, pytest.param(0.7, marks=pytest.mark.slow), 1.0])  # 0.7: extended tier
 def test_img2img_plans_by_position_in_the_whole_schedule(kind, scheduler, strength):
     make_sched = {"ddim": ddim, "dpm": lambda: DPMSolverMultistepScheduler(**SCHED_CFG),
                   "euler": lambda: EulerDiscreteScheduler(**SCHED_CFG)}[scheduler]

@@ -45,10 +45,11 @@ def test_noreuse_triton_matches_unpatched(kind):
     assert rel(out, ref) <= RTOL[torch.float32]
 
 
-# fp32 without a codec and fp8 (the same kernels as the int8 case but the codec's bits, which the
-# kernel tests check) in the extended tier
+# fp32 and bf16 without a codec and fp8 (the same kernels as the int8 case; bf16 rounding and the
+# codec's bits are what the kernel tests check) in the extended tier
 @pytest.mark.parametrize("dtype, cache", [pytest.param(torch.float32, "model", marks=pytest.mark.slow),
-                                          (torch.bfloat16, "model"), (torch.float32, "int8"),
+                                          pytest.param(torch.bfloat16, "model", marks=pytest.mark.slow),
+                                          (torch.float32, "int8"),
                                           pytest.param(torch.float32, "fp8_e4m3", marks=pytest.mark.slow)])
 def test_frdiff_triton_matches_torch_backend(dtype, cache):
     """With an int8 / fp8 cache the Triton path encodes conv1 outputs in the keyframe's norm2 kernel

@@ -136,7 +136,10 @@ RULE_CUTS = [(m, b, "accumulated") for m, b in CUTS] + [("3x2", 1, "first_block"
                                                          ("3x1", 2, "first_block")]
 
 
-@pytest.mark.parametrize("model, branch, rule", RULE_CUTS)
+# every cut with the accumulated rule by default; the first-block rows in the extended tier (the
+# contract and test_adaptive run that rule on DeepCache cuts too)
+@pytest.mark.parametrize("model, branch, rule", [c if c[2] == "accumulated" else pytest.param(*c, marks=pytest.mark.slow)
+                                                 for c in RULE_CUTS])
 def test_adaptive_on_every_deepcache_cut_matches_the_rule_statement(model, branch, rule):
     poly = (2.0, 0.5, 0.0) if rule == "accumulated" else (1.0, 0.0)
     # a threshold between the statement's values, so that the rule decides both ways
