@@ -215,6 +215,9 @@ def statement_outputs(name, policy, ref, kinds, seq):
 VIDEO = ("motion", "unet3d", "svd")
 EXTENDED_ON_VIDEO = {"FRDiff", "DeepCache-0", "Adaptive-clockwork"}
 GRAPHS_ON_VIDEO = {"DeepCache-4", "SkipConv"}
+# sdxl is the sd family's class with another layout: its cuts and units by default, the rest extended
+SDXL_DEFAULT = {"NoReuse", "FRDiff-mix", "DeepCache-4", "Clockwork", "SkipConv", "Adaptive-units"}
+GRAPHS_ON_SDXL = {"DeepCache-4"}
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -227,7 +230,7 @@ def family_case(request):
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_policy_equals_its_statement_and_unpatch_restores(family_case, name, request):
     family, base, inputs, kinds = family_case
-    if family in VIDEO and name in EXTENDED_ON_VIDEO:
+    if (family in VIDEO and name in EXTENDED_ON_VIDEO) or (family == "sdxl" and name not in SDXL_DEFAULT):
         skip_unless_slow(request, f"{name} on {family}")
     policy = POLICIES[name]
     model, ref = copy.deepcopy(base), copy.deepcopy(base)
@@ -259,7 +262,7 @@ def test_policy_equals_its_statement_and_unpatch_restores(family_case, name, req
 @pytest.mark.parametrize("name", ["FRDiff-mix", "DeepCache-4", "SkipConv", "Adaptive-units"])
 def test_emulated_cuda_graphs_equal_eager(family_case, name, request):
     family, base, inputs, _ = family_case
-    if family in VIDEO and name not in GRAPHS_ON_VIDEO:
+    if (family in VIDEO and name not in GRAPHS_ON_VIDEO) or (family == "sdxl" and name not in GRAPHS_ON_SDXL):
         skip_unless_slow(request, f"graphs of {name} on {family}")
     policy = POLICIES[name]
     eager, graphed = copy.deepcopy(base), copy.deepcopy(base)

@@ -58,7 +58,7 @@ ADAPTER_OPS = [
 
 
 @pytest.mark.parametrize("when", ["before patch", "after patch"])
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: extended tier
 def test_adapters_noreuse_bit_identical_through_every_adapter_operation(when, kind):
     make = sd_unet if kind == "sd" else sdxl_unet
     unet, ref = make(), make()

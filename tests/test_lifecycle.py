@@ -19,7 +19,8 @@ def test_same_seed_twice_gives_identical_images():
     assert handle.runtime.cache.generation == gen_a + 1  # set_timesteps started a new generation
 
 
-@pytest.mark.parametrize("policy", [frkern.FRDiff(2), frkern.Clockwork(2), frkern.DeepCache(3)])
+@pytest.mark.parametrize("policy", [frkern.FRDiff(2), pytest.param(frkern.Clockwork(2), marks=pytest.mark.slow),
+                                    frkern.DeepCache(3)])  # units and a segment cut; Clockwork's cut: extended
 def test_batch_resolution_and_steps_may_change_between_calls(policy):
     pipe = make_sd_pipeline()
     frkern.patch(pipe, policy)

@@ -34,8 +34,10 @@ def _frkern(pipe, prompt, params, **kw):
         frkern.unpatch(pipe)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("params", PARAMS, ids=["g4-sp2-fi1-w1", "g5-sp2-fi2-w1", "g3-sp3-fi1-w0"])
+@pytest.mark.parametrize("kind, params", [("sd", PARAMS[0]), ("sd", PARAMS[1]), ("sd", PARAMS[2]), ("sdxl", PARAMS[0]),
+                                          pytest.param("sdxl", PARAMS[1], marks=pytest.mark.slow),
+                                          pytest.param("sdxl", PARAMS[2], marks=pytest.mark.slow)],
+                         ids=["sd-g4", "sd-g5", "sd-g3", "sdxl-g4", "sdxl-g5", "sdxl-g3"])
 def test_equals_the_tgate_package(kind, params):
     make, prompt, loader = ((make_sd_pipeline, sd_prompt_kwargs(), tgate.TgateSDLoader) if kind == "sd"
                             else (make_sdxl_pipeline, sdxl_prompt_kwargs(), tgate.TgateSDXLLoader))
