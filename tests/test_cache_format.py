@@ -140,7 +140,8 @@ def _outer_units(ref, kinds):
 # Every policy in int8 and fp8; the cast formats and group scales (one code path per policy kind:
 # units, segments) on FRDiff and DeepCache.
 CASES = [(f, p, "sd") for f in FORMATS for p in POLICIES
-         if f in ("int8", "fp8") or p in ("FRDiff-mix", "DeepCache-1")] + [("int8", "FRDiff-mix", "svd")] + [
+         if f == "int8" or p in ("FRDiff-mix", "DeepCache-1")] + [("int8", "FRDiff-mix", "svd")] + [
+    pytest.param("fp8", p, "sd", marks=pytest.mark.slow) for p in ("Clockwork", "Adaptive-units")] + [
     pytest.param(f, p, "svd", marks=pytest.mark.slow)  # extended tier: the same paths as above
     for f, p in (("fp8", "FRDiff-mix"), ("int8", "DeepCache-1"), ("fp8", "DeepCache-1"))]
 

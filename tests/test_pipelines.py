@@ -28,7 +28,7 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # sdxl: extended tier
 def test_every_policy_end_to_end(kind):
     make, prompt_kwargs = KINDS[kind]
     pipe = make()
@@ -49,8 +49,9 @@ def test_every_policy_end_to_end(kind):
     assert torch.equal(generate(pipe, prompt), ref)
 
 
-@pytest.mark.parametrize("kind", ["sd", "sdxl"])
-@pytest.mark.parametrize("interval, branch", [(3, 0), (2, 1), (4, 3)])
+@pytest.mark.parametrize("kind, interval, branch", [("sd", 3, 0), ("sd", 2, 1), ("sd", 4, 3), ("sdxl", 3, 0),
+                                                    *[pytest.param("sdxl", i, b, marks=pytest.mark.slow)
+                                                      for i, b in ((2, 1), (4, 3))]])
 def test_deepcache_matches_the_deepcache_package(kind, interval, branch):
     from DeepCache import DeepCacheSDHelper
 
