@@ -205,3 +205,35 @@ def test_compiled_has_no_breaks_and_no_recompiles():
         assert handle.stats == stats
     assert sum(counters["graph_break"].values()) == 0
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("strength", [0.55, 1.0])
+def test_img2img_plans_key_steps_by_position_in_the_whole_schedule(strength):
+    """img2img starts at position p0 > 0 of the scheduler's schedule: key steps are positions of the
+    whole schedule (interval 3: 0, 3, 6, 9), and the first call of a generation has nothing to
+    propagate, so it runs in full. The statement: the hook statement keyed by the position of
+    each call's timestep in scheduler.timesteps."""
+    from reference_encoder_propagation import EncoderPropagationHooks
+    from test_ecosystem import ddim, img2img_pipeline
+
+    pipe, prompt = img2img_pipeline("img2img", ddim())
+    ref_pipe = copy.deepcopy(pipe)
+    hooks = EncoderPropagationHooks(ref_pipe.unet)
+    positions = []
+
+    def pre(module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        p = int((ref_pipe.scheduler.timesteps == t).nonzero()[0, 0])
+        hooks.keyframe = p % 3 == 0 or not positions
+        positions.append(p)
+
+    handle_ref = ref_pipe.unet.register_forward_pre_hook(pre, with_kwargs=True)
+    want = generate(ref_pipe, prompt, steps=10, strength=strength)
+    handle_ref.remove()
+    hooks.remove()
+    handle = frkern.patch(pipe, frkern.EncoderPropagation(interval=3), backend="torch")
+    got = generate(pipe, prompt, steps=10, strength=strength)
+    assert (positions[0] > 0) == (strength < 1.0) and positions == list(range(positions[0], 10))
+    assert torch.isfinite(got).all() and torch.equal(got, want), (positions, handle.stats)
+    keys = [p for i, p in enumerate(positions) if i == 0 or p % 3 == 0]
+    assert handle.stats["full"] == len(keys) and handle.stats["reuse"] == len(positions) - len(keys)
