@@ -293,22 +293,29 @@ COMPILED_CACHE = {"svd": "int8"}
 def test_compiled_patched_model_has_no_breaks_and_no_recompiles(family):
     policy = COMPILED[family]
     base = COMPILE_MODELS[family]()
-    inputs = FAMILIES[family][1]
+    stats = assert_compiles_once(base, policy, calls(base, FAMILIES[family][1], batch=1), STEPS,
+                                 cache=COMPILED_CACHE.get(family), what=f"{family} {policy.name}")
+    assert stats.get("reuse", 0) + stats.get("skip", 0) > 0
+
+
+def assert_compiles_once(base, policy, seq, steps, cache=None, what=""):
+    """torch.compile of a patched copy of `base` (fullgraph: a graph break raises) equals an eager
+    patched copy bit for bit over two generations of `seq`, the second compiling nothing; returns
+    the eager run's stats (the compiled one's are asserted equal)."""
     model, eager = copy.deepcopy(base), copy.deepcopy(base)
-    seq = calls(base, inputs, batch=1)
-    cache = COMPILED_CACHE.get(family)
     h_eager = frkern.patch(eager, policy, backend="torch", cache=cache)
     handle = frkern.patch(model, policy, backend="torch", cache=cache)
-    h_eager.begin(STEPS)
+    h_eager.begin(steps)
     want = run_patched(eager, h_eager, seq)
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)  # a graph break would raise
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
     for generation in range(2):
-        handle.begin(STEPS)
+        handle.begin(steps)
         with torch._dynamo.config.patch(error_on_recompile=generation > 0):
             got = run_patched(compiled, handle, seq)
-        assert_close(got, want, 0, f"{family} {policy.name} generation {generation}")
-        assert handle.stats == h_eager.stats and handle.stats.get("reuse", 0) + handle.stats.get("skip", 0) > 0
+        assert_close(got, want, 0, f"{what} generation {generation}")
+        assert handle.stats == h_eager.stats
     assert sum(counters["graph_break"].values()) == 0
     torch._dynamo.reset()
+    return h_eager.stats

@@ -190,21 +190,10 @@ def test_emulated_cuda_graphs_equal_eager():
 
 @pytest.mark.slow
 def test_compiled_has_no_breaks_and_no_recompiles():
-    from torch._dynamo.utils import counters
+    from test_contract import assert_compiles_once
 
-    policy, steps, base, seq, want, stats = _graph_case()
-    model = copy.deepcopy(base)
-    handle = frkern.patch(model, policy, backend="torch")
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    for generation in range(2):
-        handle.begin(steps)
-        with torch._dynamo.config.patch(error_on_recompile=generation > 0):
-            assert_close(run_patched(compiled, handle, seq), want, 0, f"compiled, generation {generation}")
-        assert handle.stats == stats
-    assert sum(counters["graph_break"].values()) == 0
-    torch._dynamo.reset()
+    policy, steps, base, seq, _, stats = _graph_case()
+    assert assert_compiles_once(base, policy, seq, steps, what="EncoderPropagation") == stats
 
 
 @pytest.mark.parametrize("strength", [0.55, 1.0])

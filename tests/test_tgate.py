@@ -177,26 +177,8 @@ def test_compiled_has_no_breaks_and_no_recompiles(policy):
     """torch.compile of the patched UNet: the attention modes are set on the host per call (a
     compiled graph sees a few values, one graph per step kind), the halved call goes through the
     compiled network; the second generation compiles nothing, outputs equal eager."""
-    from torch._dynamo.utils import counters
+    from test_contract import COMPILE_MODELS, FAMILIES, assert_compiles_once, calls
 
-    from test_contract import COMPILE_MODELS, FAMILIES, assert_close, calls, run_patched
-
-    steps = 6
     base = COMPILE_MODELS["sd"]()
-    model, eager = copy.deepcopy(base), copy.deepcopy(base)
-    seq = calls(base, FAMILIES["sd"][1], steps=steps, batch=2)
-    h_eager = frkern.patch(eager, policy, backend="torch")
-    h_eager.begin(steps)
-    want = run_patched(eager, h_eager, seq)
-    handle = frkern.patch(model, policy, backend="torch")
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="eager", fullgraph=True)
-    for generation in range(2):
-        handle.begin(steps)
-        with torch._dynamo.config.patch(error_on_recompile=generation > 0):
-            got = run_patched(compiled, handle, seq)
-        assert_close(got, want, 0, f"generation {generation}")
-        assert handle.stats == h_eager.stats
-    assert sum(counters["graph_break"].values()) == 0
-    torch._dynamo.reset()
+    stats = assert_compiles_once(base, policy, calls(base, FAMILIES["sd"][1], steps=6, batch=2), 6, what="TGate")
+    assert stats.get("reuse", 0) > 0
