@@ -287,14 +287,6 @@ class _ResidualBranch(_Wrapper):
         return x + decoded(branch, self.backend)
 
 
-def _frames_to_batch(projected, hidden_states, frames):
-    """(batch * H * W, frames, C) -> (batch * frames, C, H, W), as diffusers' temporal
-    transformers lay proj_out's output out (the same as AnimateDiff's motion modules)."""
-    bf, c, h, w = hidden_states.shape
-    return (projected[None, None, :].reshape(bf // frames, h, w, frames, c).permute(0, 3, 4, 1, 2)
-            .contiguous().reshape(bf, c, h, w))
-
-
 class ReusedTransformer2D(_ResidualBranch):
     """Transformer2DModel whose residual branch (norm, proj_in, blocks, proj_out) is cached on
     keyframes; a reuse step is `x + cached` and runs nothing else."""
