@@ -63,6 +63,10 @@ class Policy:
     """Base of all policies: JSON round trip and the `plan` protocol."""
 
     name: ClassVar[str] = ""
+    # Where plan() counts steps from: the whole schedule's first entry (False: a pipeline that runs
+    # only the last steps of its schedule, img2img, is planned by position in the whole schedule),
+    # or the first step the pipeline runs (True: plan(0, n) is that step, n the steps it runs).
+    counts_from_first_step: ClassVar[bool] = False
 
     def plan(self, step: int, num_steps: int) -> StepPlan:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -340,7 +344,9 @@ class TGate(Policy):
     fi_interval-th step and reused in between, and (cfg=True: the batch is [uncond, cond]) the two
     CFG halves compute the same thing, so only the first runs and its output is returned for both:
     the pipeline's guidance then yields it exactly (u + s * (u - u) = u). Steps count from the
-    start of the whole schedule.
+    first step the pipeline runs, as the package's denoising loop counts them: an img2img pipeline
+    (strength < 1) is planned as a text-to-image run of the steps it runs, so its gate comes
+    gate_step steps after its first step, wherever in the schedule that is.
 
     reuse (a DeepCache or an FRDiff policy, or None): feature reuse for the rest of the network, as
     the package's SD/SDXL DeepCache loaders compose it. Its keyframe grid runs from step 0 up to
@@ -364,6 +370,7 @@ class TGate(Policy):
     half: str = "auto"
 
     name: ClassVar[str] = "TGate"
+    counts_from_first_step: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_int("gate_step", self.gate_step, 1, "TGate")

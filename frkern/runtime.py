@@ -70,6 +70,7 @@ class Runtime:
         self.watch = WeightsWatch(model)
         self.num_steps: int | None = None
         self.step = 0
+        self.start = 0  # the position of the generation's first step in the whole schedule
         self.slot = 0
         self.mode: Any = OFF
         # A generation is open from begin() until its scheduler has run its last step (tracked
@@ -172,7 +173,7 @@ class Runtime:
         self.slot = 0
         self.stats.clear()
         self.measures.clear()
-        self.relocate(start)
+        self.locate(start)
 
     def relocate(self, step: int) -> None:
         """Say that the current step is `step` of the schedule (the tracker learns where a
@@ -181,6 +182,17 @@ class Runtime:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self.step = step
+
+    def locate(self, start: int) -> None:
+        """Say that the generation's first step, the current one, is `start` of the schedule."""
+        self.relocate(start)
+        self.start = start
+
+    def plan_position(self) -> tuple[int, int]:
+        """(step, num_steps) as the policy counts them (Policy.counts_from_first_step)."""
+        if self.policy.counts_from_first_step:
+            return self.step - self.start, self.num_steps - self.start
+        return self.step, self.num_steps
 
     def set_step(self, step: int) -> None:
         if self.num_steps is None:
@@ -229,7 +241,8 @@ class Runtime:
             self.stats["untracked"] += 1
             return FULL
         self._calls_in_generation += 1
-        plan = self.policy.plan(self.step, self.num_steps)
+        position, num_steps = self.plan_position()
+        plan = self.policy.plan(position, num_steps)
         # A call that cannot reuse computes in full; what it runs (one CFG half) stays as planned.
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
@@ -238,7 +251,7 @@ class Runtime:
             self.stats["forced"] += 1  # the longest run of reuse calls is reached
             plan = FULL
         if self.attention_modes is not None:
-            self.attention_now = self.attention_modes(self.step)
+            self.attention_now = self.attention_modes(position)
         self.reads.clear()
         self.writes.clear()
         self.pending.clear()

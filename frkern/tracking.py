@@ -150,7 +150,7 @@ class SchedulerTracker:
         start = self._start_step()
         for rt in self.live():
             if rt.open:
-                rt.relocate(start)
+                rt.locate(start)
         return out
 
     def _step(self, method, args, kwargs):
@@ -163,7 +163,7 @@ class SchedulerTracker:
                 self._first_entry = index
                 for rt in self.live():
                     if rt.open:
-                        rt.relocate(index // self._order())
+                        rt.locate(index // self._order())
         out = method(*args, **kwargs)
         self._steps += 1
         # Two-evaluation samplers (Heun, KDPM2) finish a step only on their second call.

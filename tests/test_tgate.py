@@ -161,6 +161,50 @@ def test_refusals():
         assert frkern.from_json(p.to_json()) == p
 
 
+IMG2IMG_STEPS = 10
+
+
+@pytest.mark.parametrize("scheduler, strength, gate_step", [("ddim", 0.6, 3), ("dpm", 0.6, 3), ("ddim", 0.3, 4)],
+                         ids=["ddim-0.6", "dpm-0.6", "ddim-0.3-gate-not-reached"])
+def test_img2img_counts_steps_from_the_pipelines_first_step(scheduler, strength, gate_step):
+    """img2img runs the last steps of its schedule. TGate plans them as the package's loop counts
+    its steps (from the first step run): the statement is TGateHooks (per-call flags from the
+    package's tgate_scheduler, hooks on every Attention, the first-half UNet call after the gate) on
+    the same img2img pipeline. Located two ways: DDIM from the first step's timestep (after the
+    first UNet call), DPM-Solver++ from set_begin_index (before it). With the gate beyond the run's
+    last step nothing is halved or frozen."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from reference_tgate_adapters import TGateHooks
+    from test_ecosystem import SCHED_CFG, img2img_pipeline
+    from tiny import ddim
+
+    sched = ddim() if scheduler == "ddim" else DPMSolverMultistepScheduler(**SCHED_CFG)
+    pipe, prompt = img2img_pipeline("img2img", sched)
+    params = dict(gate_step=gate_step, sp_interval=2, fi_interval=1, warm_up=1)
+    run = dict(num_inference_steps=IMG2IMG_STEPS, strength=strength, output_type="latent")
+    ref = copy.deepcopy(pipe)
+    hooks = TGateHooks(ref.unet, **params)
+    want = ref(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+    n = len(hooks.halved_inputs)
+    assert 0 < n < IMG2IMG_STEPS  # the pipeline starts inside its schedule
+    assert hooks.halved_inputs == [2] * min(gate_step, n) + [1] * max(0, n - gate_step)
+
+    handle = frkern.patch(pipe, frkern.TGate(**params), backend="torch")
+    got = pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    assert handle.stats == {"full": 1, "reuse": n - 1}
+    if n > gate_step:  # with DeepCache, the keyframe grid is the text-to-image one of the n steps run
+        frkern.unpatch(pipe)
+        policy = frkern.TGate(**params, reuse=frkern.DeepCache(interval=2, branch=1))
+        handle = frkern.patch(pipe, policy, backend="torch")
+        out = pipe(**prompt, **run, generator=torch.Generator().manual_seed(0)).images
+        assert torch.isfinite(out).all() and not torch.equal(out, got)
+        full = sum(p.keyframe for p in policy.schedule(n))
+        assert handle.stats == {"full": full, "reuse": n - full}, handle.stats
+    frkern.unpatch(pipe)
+
+
 def test_without_cfg_nothing_is_halved_or_averaged():
     pipe = make_sd_pipeline()
     prompt = sd_prompt_kwargs()
