@@ -279,9 +279,10 @@ class Handle:
     def _abort(self):
         self.runtime.abort_call()
 
-    def _cfg_half(self, call):
+    def _cfg_half(self, call_sig, call):
         """A call whose two CFG halves compute the same thing (StepPlan.cfg_half): one half (the
-        installation's cfg_keep) runs, its output stands for both."""
+        installation's cfg_keep) runs, its output stands for both. With CUDA graphs the half runs
+        in a graph of its own (its batch keys it)."""
         n = call.sample.shape[0]
         pipes = [p for p in (r() for r in self._pipelines) if p is not None]
         if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
@@ -293,7 +294,11 @@ class Handle:
                              f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
                              "without classifier-free guidance")
         keep = self.installation.plan.cfg_keep
-        out = self.family.run(self.executor.network, call.samples(n, keep * (n // 2), n // 2))
+        half = call.samples(n, keep * (n // 2), n // 2)
+        if self.graphs is not None:
+            out = self._replay(call_sig, half)
+        else:
+            out = self.family.run(self.executor.network, half)
         return torch.cat([out, out])
 
     @torch.compiler.disable
@@ -325,7 +330,7 @@ class Handle:
             if ahead is not None:
                 out = ahead
             elif plan.cfg_half and plan.runs_network and self.runtime.mode in (FULL_MODE, REUSE_MODE):
-                out = self._cfg_half(call)
+                out = self._cfg_half(call_sig, call)
             elif plan.runs_network and self.graphs is not None and self.runtime.mode != COMPUTE_MODE:
                 out = self._replay(call_sig, call)
             elif plan.runs_network:  # traced by torch.compile: the network is compiled, not this frame
@@ -392,9 +397,6 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     try:
         plan = prepare(target_parts, policy)  # validates everything; nothing has changed yet
         _check_cache_format(cache_format, plan, model)
-        if cuda_graphs and plan.attention_modes is not None:
-            raise ValueError(f"frkern.patch: {policy.name} with cuda_graphs=True is not supported (its calls change "
-                             "batch after the gate); patch without cuda_graphs")
     except ValueError as e:  # name what was refused where
         raise ValueError(f"{e} [model family {family.name}, policy {policy.name}]") from None
 

@@ -16,6 +16,12 @@ What a graph touches outside itself, and how each is kept at a fixed address:
   next reuse graph reads them where they are;
 - the UNet output: a static buffer, cloned on return (schedulers such as PLMS keep past outputs).
 
+A graph is keyed by what changes the work it records: the call slot, the runtime's mode, the
+attention modes of the step (T-GATE), the call's signature and inputs' structure (a call that runs
+one CFG half has a batch of its own), and which cached states it reads. T-GATE's stored attention
+outputs are reads and writes like any cached feature: a call that stores one writes it in its
+graph's pool, a later graph reads it there (or gets it copied in when the cache holds another).
+
 Each graph has a private memory pool: sharing one would let a later capture place its live outputs
 in an earlier graph's scratch memory. Host-side decisions (step, policy, cache validation) stay in
 Python around the replay, as in eager mode.
@@ -217,7 +223,7 @@ class GraphRunner:
             timestep = host_timestep(timestep)
         leaves, spec = tree_flatten(tuple(call._replace(timestep=timestep)))
         try:
-            key = (rt.slot, rt.mode, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
+            key = (rt.slot, rt.mode, rt.attention_now, call_sig, spec, tuple(_leaf_key(x) for x in leaves),
                    tuple(sorted(((u, e[1]) for u, e in rt.reads.items()), key=lambda ue: ue[0])))
             hash(key)
         except TypeError as e:  # an unhashable non-tensor argument: its value cannot key a graph

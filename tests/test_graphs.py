@@ -212,6 +212,58 @@ def test_every_step_kind_runs_on_meta_tensors(policy):
     assert handle.stats["reuse"] > 0 and handle.graph_stats["captures"] == 2
 
 
+TGATE_RUN = dict(num_inference_steps=8, height=32, width=32, output_type="latent")
+
+
+@pytest.mark.parametrize("policy", [
+    frkern.TGate(gate_step=4, sp_interval=2, fi_interval=1, warm_up=1),
+    frkern.TGate(gate_step=4, sp_interval=2, fi_interval=2, warm_up=1, reuse=frkern.DeepCache(interval=2, branch=1))],
+    ids=["alone", "with-deepcache"])
+def test_tgate_graphs_equal_eager_with_halved_calls_and_stored_attention(policy):
+    """cuda_graphs=True (a real capture on a GPU, emulated on a CPU): one graph per step kind (mode,
+    attention modes, and the halved batch after the gate), every call replayed, the stored
+    attention outputs handed from the graph that wrote them to those that read them. Two
+    generations equal eager; the second captures nothing."""
+    pipe, prompt = on_device(make_sd_pipeline(), sd_prompt_kwargs())
+    handle = frkern.patch(pipe, policy, backend="torch")
+    want = pipe(**prompt, **TGATE_RUN, generator=torch.Generator().manual_seed(0)).images
+    stats = dict(handle.stats)
+    frkern.unpatch(pipe)
+    handle = graphed(pipe, policy, backend="torch")
+    steps = TGATE_RUN["num_inference_steps"]
+    for generation in range(2):
+        got = pipe(**prompt, **TGATE_RUN, generator=torch.Generator().manual_seed(0)).images
+        assert torch.isfinite(got).all()
+        assert_matches_eager(got, want, f"generation {generation}")
+        assert handle.stats == stats
+        if generation == 0:
+            captures = handle.graph_stats["captures"]
+            # at least one graph per distinct attention-mode setting (a graph replays the attention
+            # work it recorded: modes must key it)
+            kinds = {(policy.attention_modes(i), policy.plan(i, steps).cfg_half) for i in range(steps)}
+            assert len(kinds) <= captures < 2 * steps, (captures, len(kinds))
+    assert handle.graph_stats["captures"] == captures
+    assert handle.graph_stats["replays"] == 2 * steps  # the halved calls too
+    frkern.unpatch(pipe)
+
+
+def test_tgate_step_kinds_run_on_meta_tensors():
+    # As above for T-GATE: its attention modes, stored means and halved calls read no device data.
+    with torch.device("meta"):
+        unet = sd_unet()
+        sample, ehs = torch.empty(2, 4, 16, 16), torch.empty(2, 7, unet.config.cross_attention_dim)
+    policy = frkern.TGate(gate_step=3, sp_interval=2, warm_up=1, reuse=frkern.DeepCache(interval=2))
+    handle = frkern.patch(unet, policy, backend="torch", cuda_graphs=True)
+    handle.graphs.capture = lambda fn, warmup=2: ((lambda: None), fn())
+    handle.begin(8)
+    with torch.no_grad():
+        for i in range(8):
+            handle.set_step(i)
+            out = unet(sample, torch.empty((), dtype=torch.long, device="meta"), ehs).sample
+            assert out.shape == sample.shape and out.device.type == "meta"
+    assert handle.stats["reuse"] > 0 and handle.graph_stats["replays"] == 8
+
+
 # --- host inputs (Python-number timesteps, CPU tensors) enter a graph without a host sync ---------
 
 class _FakeFence:

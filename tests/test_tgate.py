@@ -139,9 +139,6 @@ def test_refusals():
                                          "model family UNetMotionModel, policy TGate"):
         frkern.patch(motion_unet(), frkern.TGate())
     pipe = make_sd_pipeline()
-    with pytest.raises(ValueError, match="cuda_graphs=True is not supported"):
-        frkern.patch(pipe, frkern.TGate(), cuda_graphs=True)
-    assert frkern.handle_of(pipe) is None
     # a pipeline without classifier-free guidance has no halves to drop: refused at the first halved call
     frkern.patch(pipe, frkern.TGate(gate_step=2))
     with pytest.raises(ValueError, match="no \\[uncond, cond\\] halves"):

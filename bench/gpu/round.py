@@ -49,7 +49,8 @@ DEADLINE = {"gpu": 560, "cpu": 400}
 # above every change and max_reuse 1 runs Clockwork clock 2's schedule plus one probe (and one
 # host read) per reuse call: its row against Clockwork's is the cost of deciding.
 POLICIES = ["FRDiff:interval=3", "Clockwork:clock=2", "DeepCache:interval=3",
-            'Adaptive:threshold=1e9,reuse="clockwork",max_reuse=1', "SkipConv:threshold=0.05"]
+            'Adaptive:threshold=1e9,reuse="clockwork",max_reuse=1', "SkipConv:threshold=0.05",
+            "EncoderPropagation:interval=5", "TGate"]
 SD15 = ["--config", "sd15", "--device", "cuda", "--dtype", "float16", "--steps", "50", "--batch", "1",
         "--channels-last", "--repeats", "5"]
 # Appended in the dry run: later options override earlier ones, and the GPU ones are still parsed.
