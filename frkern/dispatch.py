@@ -50,6 +50,7 @@ class Handle:
                                codec=codec_for(self.cache_format, backend))
         self.runtime.begin_checks.extend(plan.begin_checks)
         self.runtime.attention_modes = plan.attention_modes
+        self.runtime.prior_noise = plan.prior_noise
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
         self._own_forward = model.__dict__.get("forward")  # restored as found by unpatch
@@ -97,6 +98,10 @@ class Handle:
         """Start a generation of `num_steps` sampler steps (clears every cache), at step `start`."""
         self._check_active()
         self.runtime.begin(num_steps, start)
+        if self.runtime.prior_noise is not None and not self.runtime.scheduler_driven:
+            warnings.warn(f"frkern: {self.policy.name}'s prior noise injection is added by a tracked pipeline's "
+                          "scheduler.step; a hand-written loop gets none unless it passes its step "
+                          "handle.runtime.step_sample(t, sample) instead of sample", stacklevel=2)
 
     def set_step(self, step: int) -> None:
         """Say which sampler step (0 = noisiest) the next calls belong to."""

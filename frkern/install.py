@@ -53,6 +53,7 @@ class Plan:
     wrappers: dict = field(default_factory=dict)  # unit path -> wrapper class, for units outside the family's map
     attention_modes: Any = None  # step -> AttentionModes (T-GATE's attention units)
     cfg_keep: int = 0  # the CFG half (0: uncond, 1: cond) a StepPlan.cfg_half call runs
+    prior_noise: tuple[float, float] | None = None  # (scale, below): scheduler-step injection (EncoderPropagation)
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
     begin_checks: list[Callable[[int], None]] = field(default_factory=list)
 
@@ -215,6 +216,8 @@ def _encoder_propagation(target, policy):
     segment_cut(target, plan, encoder_cut(target.parts))
     plan.begin_checks.append(policy.keys_for)  # a step count without key steps is refused at begin
     plan.decode_ahead = policy.parallel
+    if policy.prior_noise:
+        plan.prior_noise = (float(policy.prior_noise), float(policy.prior_noise_below))
     return plan
 
 

@@ -282,11 +282,21 @@ class EncoderPropagation(Policy):
     parallel=k: the decoders of up to k consecutive non-key steps run as one batched call at the
     first of them (their inputs are the cached encoder outputs and their own timesteps, known from
     the tracked scheduler); the following calls return what it computed.
+
+    prior_noise (0 = off; the authors' pipelines use 0.003): their "prior noise injection", a
+    sampler change. Each call of the tracked scheduler's step(model_output, t, sample) at a timestep
+    t < prior_noise_below (500) gets sample + prior_noise * z instead of sample, z being the sample
+    of the generation's first step (text-to-image: the initial latents). The UNet's inputs are
+    unchanged, as in the authors' parallel and ControlNet pipelines (utils_sd.py, hutaiHang/
+    Faster-Diffusion); their sequential pipeline also feeds the injected latents to the UNet, which
+    differs only at key steps with t < 500 (non-key steps skip the encoder, where the sample enters).
     """
 
     key_steps: tuple[int, ...] = ()
     interval: int = 0
     parallel: int = 1
+    prior_noise: float = 0.0
+    prior_noise_below: float = 500
 
     name: ClassVar[str] = "EncoderPropagation"
 
@@ -301,6 +311,12 @@ class EncoderPropagation(Policy):
         _check_int("parallel", self.parallel, 1, "EncoderPropagation")
         if self.key_steps and self.interval:
             raise ValueError("EncoderPropagation: give key_steps or interval, not both")
+        for name, lo in (("prior_noise", "0"), ("prior_noise_below", "> 0")):
+            v = getattr(self, name)
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v < 0 or (lo != "0" and v == 0)):
+                raise ValueError(f"EncoderPropagation: {name} must be a finite number {'>= 0' if lo == '0' else lo}, "
+                                 f"got {v!r}")
         keys = tuple(sorted(set(self.key_steps) | {0})) if self.key_steps else ()
         object.__setattr__(self, "key_steps", keys)
 

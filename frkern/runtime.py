@@ -100,6 +100,10 @@ class Runtime:
         # This call's AttentionModes (None outside a tracked call): set on the host, so a compiled
         # network sees a few distinct values (one graph per step kind), not the step number.
         self.attention_now = None
+        # (scale, below): what each tracked scheduler step adds to its sample (step_sample), and the
+        # generation's first step's sample it adds (None until that step).
+        self.prior_noise: tuple[float, float] | None = None
+        self.prior_latents: torch.Tensor | None = None
         self.stats: collections.Counter = collections.Counter()
         # What units are, declared by their wrappers when installed (declare()); fixed from then on,
         # so a compiled network's guards on them never change.
@@ -141,7 +145,7 @@ class Runtime:
         new.begin_checks = list(self.begin_checks)
         new.stateful_units, new.persistent_units = set(self.stateful_units), set(self.persistent_units)
         new.encoded_units, new.protocol_units = set(self.encoded_units), set(self.protocol_units)
-        new.attention_modes = self.attention_modes
+        new.attention_modes, new.prior_noise = self.attention_modes, self.prior_noise
         memo[id(self)] = new
         return new
 
@@ -163,6 +167,7 @@ class Runtime:
             check(num_steps)
         self.cache.new_generation()
         self.ahead.clear()
+        self.prior_latents = None
         self.watch.refresh()
         self._key_sigs.clear()
         self._reuse_run.clear()
@@ -203,6 +208,22 @@ class Runtime:
     def advance(self) -> None:
         self.step += 1
         self.slot = 0
+
+    def step_sample(self, timestep, sample: torch.Tensor) -> torch.Tensor:
+        """The sample a tracked scheduler step of this generation receives: `sample`, plus
+        scale * (the generation's first step's sample) where timestep < below (prior_noise). A
+        timestep on the host is compared there; one on the device is compared there too (a 0/scale
+        weight, no host read)."""
+        if self.prior_noise is None or not self.open:
+            return sample
+        if self.prior_latents is None:
+            self.prior_latents = sample.detach().clone()
+        scale, below = self.prior_noise
+        if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
+            t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+            return sample + scale * self.prior_latents if t < below else sample
+        weight = torch.where(timestep < below, scale, 0.0).to(sample.dtype)
+        return sample + weight * self.prior_latents
 
     def finish(self) -> None:
         """The generation's sampler has run its last step: later calls are outside it."""

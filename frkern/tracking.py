@@ -153,6 +153,22 @@ class SchedulerTracker:
                 rt.locate(start)
         return out
 
+    def _inject(self, args, kwargs):
+        """step's arguments with the sample a subscribed runtime adds to (Runtime.step_sample:
+        EncoderPropagation's prior noise injection); unchanged when none does."""
+        injecting = [rt for rt in self.live() if rt.prior_noise is not None and rt.open]
+        if not injecting:
+            return args, kwargs
+        if len(injecting) > 1:
+            raise ValueError("frkern: two patched models with prior noise injection share one scheduler: each "
+                             "would add to its step's sample; give each pipeline its own scheduler")
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        if len(args) > 2:
+            args = (*args[:2], injecting[0].step_sample(timestep, args[2]), *args[3:])
+        elif "sample" in kwargs:
+            kwargs = dict(kwargs, sample=injecting[0].step_sample(timestep, kwargs["sample"]))
+        return args, kwargs
+
     def _step(self, method, args, kwargs):
         if self._steps == 0 and not self._located:
             # No begin index: find where the pipeline started from the timestep it passes.
@@ -164,6 +180,7 @@ class SchedulerTracker:
                 for rt in self.live():
                     if rt.open:
                         rt.locate(index // self._order())
+        args, kwargs = self._inject(args, kwargs)
         out = method(*args, **kwargs)
         self._steps += 1
         # Two-evaluation samplers (Heun, KDPM2) finish a step only on their second call.
