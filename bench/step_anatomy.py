@@ -55,6 +55,10 @@ def parser():
     ap.add_argument("--channels-last", action="store_true", help="UNet weights and activations in channels_last")
     ap.add_argument("--tflops", type=float, default=757.0, help="peak matmul rate, TFLOP/s")
     ap.add_argument("--tbps", type=float, default=3.0, help="memory bandwidth, TB/s")
+    ap.add_argument("--generation", action="store_true",
+                    help="also record every call of a whole 50-step generation, in order (policies whose calls "
+                         "differ from step to step: T-GATE's phases and halved calls, encoder propagation's key "
+                         "steps): GFLOP and floor per step, and the generation's GFLOP over 50 full calls")
     ap.add_argument("--cache-formats", nargs="*", default=list(CACHE_FORMATS), choices=list(CACHE_FORMATS),
                     metavar="FORMAT", help="cache formats whose reuse call is analysed (the option alone: no such "
                     f"table); choices: {', '.join(CACHE_FORMATS)}")
@@ -266,6 +270,33 @@ def anatomy(config: str, policy, batch: int = 1, dtype=torch.float16, channels_l
     return result
 
 
+def generation(config: str, policy, batch: int = 1, dtype=torch.float16, channels_last: bool = False,
+               tflops: float = 757.0, tbps: float = 3.0, n: int = 50) -> dict:
+    """Every call of an n-step generation, in order, recorded: {"steps": [{step, kind, gflop, mb,
+    floor_us}], "gflop": sum, "full_gflop": n x the first call's, "ratio": their quotient}. The
+    first call is a keyframe and runs in full (every policy's plan(0))."""
+    unet, call, kw = _build(config, batch, dtype, channels_last)
+    handle = frkern.patch(unet, policy, backend="torch")
+    steps = []
+    with torch.no_grad(), _flash_attention_model():
+        handle.begin(n)
+        for i in range(n):
+            handle.set_step(i)
+            before = dict(handle.stats)
+            rec = OpRecorder()
+            with rec:
+                unet(*call, **kw)
+            kind = next(k for k, v in handle.stats.items() if isinstance(v, int) and v != before.get(k, 0))
+            total = summarise(rec.ops, tflops, tbps)["total"]
+            steps.append({"step": i, "kind": kind, "gflop": total["gflop"], "mb": total["mb"],
+                          "floor_us": total["floor_us"]})
+    frkern.unpatch(unet)
+    gflop = sum(s["gflop"] for s in steps)
+    full = n * steps[0]["gflop"]
+    return {"steps": steps, "gflop": round(gflop, 1), "full_gflop": round(full, 1), "ratio": round(gflop / full, 3),
+            "floor_ms": round(sum(s["floor_us"] for s in steps) / 1e3, 2)}
+
+
 def _stored_tensors(handle) -> list:
     """Every tensor the cache holds, as stored (an int8 / fp8 entry: its codes and its scales)."""
     from frkern.trees import iter_tensors
@@ -404,6 +435,24 @@ def main(argv=None):
                   + f" | {r['used_mb']:.1f} | {r['stored_mb']:.1f} | {r['decode_passes']} | {r['ops']} | "
                   f"{r['mb']:.0f} | {r['floor_us']:.0f} |" for r in by_format]
         lines += [""]
+    gen = None
+    if args.generation:
+        gen = generation(args.config, policy, args.batch, channels_last=args.channels_last, tflops=args.tflops,
+                         tbps=args.tbps)
+        runs, prev = [], None
+        for s in gen["steps"]:  # consecutive steps of one cost, as one line
+            key = (s["kind"], s["gflop"], s["floor_us"])
+            if prev is not None and key == prev[0]:
+                prev[2] = s["step"]
+            else:
+                prev = [key, s["step"], s["step"]]
+                runs.append(prev)
+        lines += ["## a whole 50-step generation", "",
+                  f"GFLOP {gen['gflop']} against {gen['full_gflop']} for 50 full calls: ratio {gen['ratio']}; "
+                  f"sum of floors {gen['floor_ms']} ms.", "",
+                  "| steps | kind | GFLOP per call | floor us per call |", "|---|---|---|---|"]
+        lines += [f"| {a}{'' if a == b else f'-{b}'} | {k} | {g:.1f} | {f:.0f} |" for (k, g, f), a, b in runs]
+        lines += [""]
     text = "\n".join(lines)
     print(text)
     name = f"anatomy_{args.config}_{policy.name}"
@@ -411,6 +460,8 @@ def main(argv=None):
               "tflops": args.tflops, "tbps": args.tbps, "result": res}
     if by_format:
         record["reuse_by_cache_format"] = by_format
+    if gen is not None:
+        record["generation"] = gen
     save_json(args.out, name, record)
     stem = os.path.join(args.out, name)
     with open(stem + ".md", "w") as f:

@@ -171,6 +171,40 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
     assert res["reuse"]["total"]["floor_us"] < 0.5 * res["full"]["total"]["floor_us"]
 
 
+def test_step_anatomy_generation_counts_each_call_as_run():
+    # --generation: every call of a generation recorded in order on the meta device, against the FLOP
+    # counter on the same calls made for real (CPU): T-GATE's phases (self-attention reused, the
+    # gate, the halved calls after it without cross-attention).
+    from flops import count_gflop
+    from step_anatomy import generation
+
+    from configs import CONFIGS, TEXT
+    from diffusers import UNet2DConditionModel
+
+    import frkern
+
+    n = 5
+    for policy in (frkern.TGate(gate_step=3, sp_interval=2, warm_up=0),):
+        gen = generation("small", policy, dtype=torch.float32, n=n)
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**CONFIGS["small"]).eval()
+        x = torch.randn(2, 4, 32, 32)
+        ehs = torch.randn(2, TEXT["small"][0], unet.config.cross_attention_dim)
+        handle = frkern.patch(unet, policy, backend="torch")
+        handle.begin(n)
+        real = {}
+        with torch.no_grad():
+            for i in range(n):  # every call in order; counted at one step of each phase
+                handle.set_step(i)
+                if i in (0, 1, 3):  # full; self-attention reused; after the gate (one half)
+                    real[i] = count_gflop(lambda: unet(x, 500, ehs))
+                else:
+                    unet(x, 500, ehs)
+        assert {i: gen["steps"][i]["gflop"] for i in real} == pytest.approx(real, rel=1e-3), policy
+        assert real[0] > real[1] > real[3]
+        assert gen["ratio"] == pytest.approx(sum(s["gflop"] for s in gen["steps"]) / (n * real[0]), rel=1e-3)
+
+
 def test_step_anatomy_reuse_call_by_cache_format():
     # What a reuse call reads from an int8 cache, on the real patched model (meta device, fp32
     # here): FRDiff reads every stored tensor once, its ResNet and transformer states in their
