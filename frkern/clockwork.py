@@ -9,7 +9,7 @@ stays inside the network, so CUDA graphs and torch.compile capture the adaptor t
 from __future__ import annotations
 
 from .cache import signature
-from .units import CachedSegment, _primary_input
+from .units import CachedSegment, InnerSegment, _primary_input
 
 
 class Tap:
@@ -18,8 +18,9 @@ class Tap:
     r_in = None
 
 
-class TappedSegment(CachedSegment):
-    """The cut's first cached module: cached as usual, and its input recorded as r_in."""
+class TappedSegment(InnerSegment):
+    """The cut's first cached module (an inner segment: its output feeds only cached modules), its
+    input recorded as r_in."""
 
     def __init__(self, original, runtime, unit, cache_unit, backend, tap: Tap):
         super().__init__(original, runtime, unit, cache_unit, backend)

@@ -41,6 +41,7 @@ class Plan:
 
     units: dict[str, bool] = field(default_factory=dict)  # unit path -> cache it (False: fused kernels only)
     segments: list[str] = field(default_factory=list)  # paths cached whole
+    inner_segments: set[str] = field(default_factory=set)  # of those, the ones only cached modules read
     adaptor: Any = None  # a learned Clockwork adaptor and its (first cached, adapted) paths
     adapted: tuple[str, ...] = ()
     gated: list[str] = field(default_factory=list)  # convolutions called through a SkipConv gate
@@ -100,8 +101,12 @@ def units(target: Target, plan: Plan, cache: bool, computed: tuple[str, ...] = (
             plan.units[path] = cached
 
 
-def segment_cut(target: Target, plan: Plan, paths: list[str]) -> None:
+def segment_cut(target: Target, plan: Plan, paths: list[str], u_shaped: bool = True) -> None:
+    """Cache `paths` whole. u_shaped: the cut is a Clockwork / DeepCache one, a span of the forward
+    around the bottom of the U whose every skip connection to a running block comes from a running
+    block: only its last module's output is read by modules that run on a reuse call."""
     plan.segments = list(paths)
+    plan.inner_segments = set(paths[:-1]) if u_shaped else set()
 
 
 def learned_adaptor(target: Target, plan: Plan, policy: Clockwork) -> None:
@@ -213,7 +218,7 @@ def _deepcache(target, policy):
 def _encoder_propagation(target, policy):
     plan = Plan()
     units(target, plan, cache=False)
-    segment_cut(target, plan, encoder_cut(target.parts))
+    segment_cut(target, plan, encoder_cut(target.parts), u_shaped=False)  # the decoder reads every output
     plan.begin_checks.append(policy.keys_for)  # a step count without key steps is refused at begin
     plan.decode_ahead = policy.parallel
     if policy.prior_noise:
@@ -317,7 +322,7 @@ def install(target: Target, plan: Plan, runtime) -> Installation:
     """Swap the plan's wrappers into the model (cannot fail once `prepare` passed)."""
     from .adaptive import AdaptiveGate, ProbedModule
     from .clockwork import AdaptedSegment, TappedSegment, Tap
-    from .units import CachedSegment, ConvGate
+    from .units import CachedSegment, ConvGate, InnerSegment
 
     model, backend = target.model, target.backend
     inst = Installation(plan)
@@ -337,7 +342,7 @@ def install(target: Target, plan: Plan, runtime) -> Installation:
             make = (partial(TappedSegment, tap=tap) if path == plan.adapted[0]
                     else partial(AdaptedSegment, tap=tap, adaptor=plan.adaptor))
         else:
-            make = CachedSegment
+            make = InnerSegment if path in plan.inner_segments else CachedSegment
         swap(path, lambda m: make(m, runtime, path, True, backend))
     for path in plan.gated:  # the convolution stays in the tree; its unit's wrapper calls it through the gate
         unit, child = _gating_unit(target.parts, path)

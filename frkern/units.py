@@ -8,6 +8,8 @@ cache and how to compute it, the runtime decides whether to compute, read or ble
 - ReusedResnetBlock2D: conv1's output, conv1(SiLU(norm1(x))) (FRDiff's S(x)).
 - ReusedTransformer2D: the residual branch (the output minus the input).
 - CachedSegment: a whole module's output (Clockwork's and DeepCache's inner blocks).
+- InnerSegment: a cached segment whose output only other cached segments read: it keeps the
+  output's shapes, and hands out zero stand-ins of them on reuse calls.
 FusedGEGLU caches nothing: it only swaps in a fused kernel.
 
 A new unit kind is a wrapper whose forward calls `self.cached(sig, compute, reuse)` plus a row in
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import ops
 from .cache import signature
@@ -371,6 +374,54 @@ class CachedSegment(_Wrapper):
             return out, _clone_tensors(out)
 
         return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=_clone_tensors)
+
+
+class OutputShapes:
+    """The structure of a module's output (its pytree and each tensor's shape, dtype and device):
+    what an InnerSegment caches instead of the output, with one 0-d zero per dtype and device that
+    the stand-ins broadcast (made once, on the keyframe: a reuse call launches no kernel for them).
+    Not a tuple, so the cache and its codec keep it as one opaque leaf (its bytes are not counted:
+    2 to 4 per dtype)."""
+
+    __slots__ = ("spec", "leaves", "zeros")
+
+    def __init__(self, value):
+        leaves, self.spec = tree_flatten(value)
+        self.leaves = tuple((True, tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (False, x)
+                            for x in leaves)
+        self.zeros = {(dtype, device): torch.zeros((), dtype=dtype, device=device)
+                      for is_tensor, *rest in self.leaves if is_tensor for dtype, device in [rest[1:]]}
+
+    def stand_ins(self, writable: bool):
+        """Zeros of the output's structure: broadcast views of a 0-d zero (no memory), or real zero
+        tensors when the model's forward adds to block outputs in place (writable)."""
+        leaves = []
+        for leaf in self.leaves:
+            if not leaf[0]:
+                leaves.append(leaf[1])
+                continue
+            _, shape, dtype, device = leaf
+            leaves.append(torch.zeros(shape, dtype=dtype, device=device) if writable
+                          else self.zeros[dtype, device].expand(shape))
+        return tree_unflatten(leaves, self.spec)
+
+
+class InnerSegment(CachedSegment):
+    """A cached segment whose output feeds only other cached segments (a Clockwork or DeepCache cut
+    is U-shaped: only its last module's output, and skip connections of computed blocks, reach the
+    modules that run on a reuse call). The model's forward still calls it on reuse calls and passes
+    its output on to cached modules, which ignore their inputs: so it caches the output's shapes,
+    and a reuse call gets zero stand-ins of them. Nothing of its output is stored, encoded or decoded.
+    (Were a running module to read a stand-in, the result would change: the exactness tests against
+    the deepcache package and the Clockwork statements would see it.)"""
+
+    def forward(self, *args, **kwargs):
+        def compute():
+            out = self.original(*args, **kwargs)
+            return out, OutputShapes(out)
+
+        return self.cached(signature(_primary_input(args, kwargs)), compute,
+                           reuse=lambda shapes: shapes.stand_ins(self.runtime.outputs_mutated))
 
 
 def _base_conv(module: nn.Module) -> nn.Module:
