@@ -171,6 +171,7 @@ def test_step_anatomy_counts_the_flops_of_real_calls():
     assert res["reuse"]["total"]["floor_us"] < 0.5 * res["full"]["total"]["floor_us"]
 
 
+@pytest.mark.slow  # extended tier (16 s): the generation's sums are the per-call records tested here
 def test_step_anatomy_generation_counts_each_call_as_run():
     # --generation: every call of a generation recorded in order on the meta device, against the FLOP
     # counter on the same calls made for real (CPU): T-GATE's phases (self-attention reused, the

@@ -28,8 +28,9 @@ def rel(a, b):
 
 # One layer per block: the interpreter runs each kernel program in Python, and every fused op and
 # layout (conv and linear projections, several transformer layers, text-time conditioning) is there.
-# sdxl (its kernels' shapes are compiled by tests/test_aot_compile.py) in the extended tier
-@pytest.mark.parametrize("kind", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])
+# Extended tier (both): FRDiff's interpreted UNet below runs the same fused kernels on its keyframes
+# by default, and the AOT test compiles sdxl's shapes.
+@pytest.mark.parametrize("kind", [pytest.param("sd", marks=pytest.mark.slow), pytest.param("sdxl", marks=pytest.mark.slow)])
 def test_noreuse_triton_matches_unpatched(kind):
     unet = sd_unet(layers_per_block=1) if kind == "sd" else sdxl_unet(layers_per_block=1)
     sample, ehs, kw = sd_inputs(unet, size=8)
