@@ -181,3 +181,20 @@ def test_validation_and_json():
     for value in [0, 0.0, -1, -500.0, math.nan, math.inf, True, "500", None]:
         with pytest.raises(ValueError, match=r"prior_noise_below"):
             frkern.EncoderPropagation(interval=3, prior_noise=0.003, prior_noise_below=value)
+
+
+def test_a_hand_written_loop_is_warned_and_can_inject_itself():
+    """No tracked scheduler step: begin() says the injection is not added, and step_sample adds it
+    where the loop asks (z = the first sample it is given, added at t < below only)."""
+    from tiny import sd_unet
+
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.EncoderPropagation(interval=2, prior_noise=0.5), backend="torch")
+    with pytest.warns(UserWarning, match="prior noise injection is added by a tracked pipeline"):
+        handle.begin(4)
+    z = torch.randn(1, 4, 8, 8)
+    rt = handle.runtime
+    assert torch.equal(rt.step_sample(900, z), z)  # t >= 500: nothing; z recorded
+    x = torch.randn(1, 4, 8, 8)
+    assert torch.equal(rt.step_sample(torch.tensor(400), x), x + 0.5 * z)
+    frkern.unpatch(unet)
