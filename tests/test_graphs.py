@@ -193,8 +193,11 @@ def test_compiled_network_inside_graphs():
     assert handle.graph_stats["captures"] == 2
 
 
-@pytest.mark.parametrize("policy", [frkern.FRDiff(interval=2), frkern.Clockwork(clock=2), frkern.DeepCache(interval=3)])
-def test_every_step_kind_runs_on_meta_tensors(policy):
+@pytest.mark.parametrize("policy, captures", [
+    (frkern.FRDiff(interval=2), 2), (frkern.Clockwork(clock=2), 2), (frkern.DeepCache(interval=3), 2),
+    # T-GATE: its attention modes, stored means and halved calls (a graph per step kind)
+    (frkern.TGate(gate_step=3, sp_interval=2, warm_up=1, reuse=frkern.DeepCache(interval=2)), None)])
+def test_every_step_kind_runs_on_meta_tensors(policy, captures):
     # A CUDA graph cannot capture a device-to-host read (.item(), printing, data-dependent shapes).
     # Meta tensors have no data, so any such read in frkern's step logic or in the patched
     # network fails here, on a CPU.
@@ -209,7 +212,9 @@ def test_every_step_kind_runs_on_meta_tensors(policy):
             handle.set_step(i)
             out = unet(sample, torch.empty((), dtype=torch.long, device="meta"), ehs).sample
             assert out.shape == sample.shape and out.device.type == "meta"
-    assert handle.stats["reuse"] > 0 and handle.graph_stats["captures"] == 2
+    assert handle.stats["reuse"] > 0
+    assert handle.graph_stats["replays"] == handle.stats["full"] + handle.stats["reuse"]  # every network call
+    assert captures is None or handle.graph_stats["captures"] == captures
 
 
 TGATE_RUN = dict(num_inference_steps=8, height=32, width=32, output_type="latent")
@@ -245,23 +250,6 @@ def test_tgate_graphs_equal_eager_with_halved_calls_and_stored_attention(policy)
     assert handle.graph_stats["captures"] == captures
     assert handle.graph_stats["replays"] == 2 * steps  # the halved calls too
     frkern.unpatch(pipe)
-
-
-def test_tgate_step_kinds_run_on_meta_tensors():
-    # As above for T-GATE: its attention modes, stored means and halved calls read no device data.
-    with torch.device("meta"):
-        unet = sd_unet()
-        sample, ehs = torch.empty(2, 4, 16, 16), torch.empty(2, 7, unet.config.cross_attention_dim)
-    policy = frkern.TGate(gate_step=3, sp_interval=2, warm_up=1, reuse=frkern.DeepCache(interval=2))
-    handle = frkern.patch(unet, policy, backend="torch", cuda_graphs=True)
-    handle.graphs.capture = lambda fn, warmup=2: ((lambda: None), fn())
-    handle.begin(8)
-    with torch.no_grad():
-        for i in range(8):
-            handle.set_step(i)
-            out = unet(sample, torch.empty((), dtype=torch.long, device="meta"), ehs).sample
-            assert out.shape == sample.shape and out.device.type == "meta"
-    assert handle.stats["reuse"] > 0 and handle.graph_stats["replays"] == 8
 
 
 # --- host inputs (Python-number timesteps, CPU tensors) enter a graph without a host sync ---------
