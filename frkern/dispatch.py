@@ -324,7 +324,7 @@ class Handle:
     @torch.compiler.disable(recursive=False)
     def forward(self, *args, **kwargs):
         call, return_dict = self.family.bind_call(args, kwargs)
-        self.runtime.outputs_mutated = self.family.mutates_outputs(call)
+        self.runtime.outputs_mutated = self.family.mutates_outputs(self.unet, call)
         plan, call_sig = self._start(call)
         try:
             if self.runtime.mode == PROBE_MODE:

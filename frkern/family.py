@@ -121,7 +121,7 @@ class ModelFamily:
         """Hashable options of a call that change its result but not its shapes."""
         return ()
 
-    def mutates_outputs(self, call: Call) -> bool:
+    def mutates_outputs(self, model, call: Call) -> bool:
         """Does the model's forward change its blocks' outputs in place on this call? (Then a
         cached segment hands out copies.)"""
         return False

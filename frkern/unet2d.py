@@ -37,6 +37,19 @@ class UNetFamily(ModelFamily):
     entry: tuple[str, ...] = ("conv_in",)
     unit_types: dict[type, str] = {}  # module class -> unit kind
 
+    def mutates_outputs(self, model, call) -> bool:
+        # FreeU (enable_freeu: s1, s2, b1, b2 on every up block) scales the first half of an up
+        # block's input channels in place: that input is the output of the block (or layer) before
+        return self.freeu_enabled(model) or self.residuals_added_in_place(call)
+
+    @staticmethod
+    def freeu_enabled(model) -> bool:
+        # the up blocks' own test (diffusers' CrossAttnUpBlock2D / UpBlock2D and their video kin)
+        return any(all(getattr(b, k, None) for k in ("s1", "s2", "b1", "b2")) for b in model.up_blocks)
+
+    def residuals_added_in_place(self, call) -> bool:
+        return False
+
     def find(self, target):
         target = uncompiled(target)
         if isinstance(target, self.model_cls):
@@ -147,7 +160,7 @@ class UNetFamily(ModelFamily):
         scale = cak["scale"]
         return (("lora_scale", float(scale) if isinstance(scale, (int, float)) else id(scale)),)
 
-    def mutates_outputs(self, call):
+    def residuals_added_in_place(self, call):
         # diffusers adds T2I-Adapter residuals to a plain down block's and the mid block's output
         # with `sample +=` (also when they come through the deprecated down_block_additional_residuals
         # without a mid residual)

@@ -72,7 +72,7 @@ class UNetMotionFamily(UNetFamily):
     wrappers = {"resnet": ReusedResnetBlock2D, "transformer": ReusedTransformer2D, "motion": ReusedMotionModule,
                 "geglu": FusedGEGLU}
 
-    def mutates_outputs(self, call):
+    def residuals_added_in_place(self, call):
         # UNetMotionModel adds ControlNet / adapter residuals out of place
         return False
 
@@ -115,7 +115,7 @@ class UNet3DFamily(UNetFamily):
             f"{name}.{seq}.{len(getattr(m, seq)) - 1}" for name, m in model.named_modules()
             if isinstance(m, TemporalConvLayer) for seq in ("conv1", "conv2", "conv3", "conv4"))
 
-    def mutates_outputs(self, call):
+    def residuals_added_in_place(self, call):
         # UNet3DConditionModel adds ControlNet residuals out of place (`res + residual`,
         # `sample = sample + mid_block_additional_residual`); it takes no T2I-Adapter residuals
         return False
@@ -156,7 +156,7 @@ class SVDFamily(UNetFamily):
             f"{name}.{conv}" for name, m in model.named_modules() if isinstance(m, TemporalResnetBlock)
             for conv in ("conv1", "conv2"))
 
-    def mutates_outputs(self, call):
+    def residuals_added_in_place(self, call):
         return False  # no residuals are added to its blocks' outputs
 
 

@@ -427,12 +427,34 @@ def test_unsupported_module_at_a_gated_place_is_refused_before_anything_changes(
 
 # --- attributes, processors and fused projections set on a patched model ----------------------
 
+class _CloningSegmentHooks:
+    """Clockwork's statement (reference.SegmentHooks) for a forward that changes block inputs in
+    place (FreeU scales half the channels of an up block's input): the recorded input is a copy,
+    and each reuse call gets a copy of it."""
+
+    def __init__(self, unet, levels=1):
+        self.keyframe = True
+        self.stored = None
+        unet.up_blocks[-levels].register_forward_pre_hook(self._pre, with_kwargs=True)
+
+    def _pre(self, module, args, kwargs):
+        if self.keyframe:
+            self.stored = kwargs["hidden_states"].clone()
+            return None
+        return args, dict(kwargs, hidden_states=self.stored.clone())
+
+
+# FreeU writes into an up block's input in place: the output of the block (or layer) before it. The
+# statements hand out copies of what they recorded, so a cached output scaled again on every reuse
+# call (or a zero stand-in that cannot be written) shows. Branch 4 caches part of an up block (its
+# inner layers return stand-ins that FreeU's up block writes into).
 @pytest.mark.parametrize("policy, hooks_for", [
-    (frkern.DeepCache(interval=3, branch=0), lambda ref: DeepCacheCutHooks(ref, 0)),
-    (frkern.Clockwork(clock=3), None),
-])
+    (frkern.DeepCache(interval=3, branch=0), lambda ref: CloningCutHooks(ref, 0)),
+    (frkern.DeepCache(interval=3, branch=4), lambda ref: CloningCutHooks(ref, 4)),
+    (frkern.Clockwork(clock=3, levels=2), None),  # its cached r_out enters up_blocks[1], which FreeU scales
+], ids=["deepcache-0", "deepcache-4", "clockwork-levels-2"])
 def test_freeu_enabled_after_patching_acts_on_the_blocks(policy, hooks_for):
-    from reference import SegmentHooks
+    SegmentHooks = _CloningSegmentHooks
 
     unet = unet_3x2()
     ref = copy.deepcopy(unet)
@@ -440,7 +462,7 @@ def test_freeu_enabled_after_patching_acts_on_the_blocks(policy, hooks_for):
     freeu = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
     unet.enable_freeu(**freeu)
     ref.enable_freeu(**freeu)
-    hooks = hooks_for(ref) if hooks_for else SegmentHooks(ref, levels=1)
+    hooks = hooks_for(ref) if hooks_for else SegmentHooks(ref, levels=2)
     latents, ehs = inputs()
 
     def call(i, x, t):
