@@ -49,7 +49,7 @@ class Handle:
         self.runtime = Runtime(policy, model, caches=plan.caches, reuse_limit=plan.reuse_limit,
                                codec=codec_for(self.cache_format, backend))
         self.runtime.begin_checks.extend(plan.begin_checks)
-        self.runtime.attention_modes = plan.attention_modes
+        self.runtime.attention_modes, self.runtime.gate_modes = plan.attention_modes, plan.gate_modes
         self.runtime.prior_noise = plan.prior_noise
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
@@ -114,8 +114,10 @@ class Handle:
         rt = self.runtime
         if rt.num_steps is None or not rt.open:
             rt.cache.new_generation()
-        else:
+        else:  # the same generation from here: where it started and its first sample stay
+            start, prior_latents = rt.start, rt.prior_latents
             rt.begin(rt.num_steps, rt.step)
+            rt.start, rt.prior_latents = start, prior_latents
 
     @property
     def caches(self) -> bool:

@@ -53,6 +53,7 @@ class Plan:
     decode_ahead: int = 1  # reuse calls batched into one (EncoderPropagation's parallel decoding)
     wrappers: dict = field(default_factory=dict)  # unit path -> wrapper class, for units outside the family's map
     attention_modes: Any = None  # step -> AttentionModes (T-GATE's attention units)
+    gate_modes: Any = None  # the AttentionModes of T-GATE's gate step
     cfg_keep: int = 0  # the CFG half (0: uncond, 1: cond) a StepPlan.cfg_half call runs
     prior_noise: tuple[float, float] | None = None  # (scale, below): scheduler-step injection (EncoderPropagation)
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
@@ -222,6 +223,10 @@ def _encoder_propagation(target, policy):
     plan.begin_checks.append(policy.keys_for)  # a step count without key steps is refused at begin
     plan.decode_ahead = policy.parallel
     if policy.prior_noise:
+        if target.family.name == "UNetSpatioTemporalConditionModel":  # EDM: timesteps are log-sigmas
+            raise ValueError(f"{policy.name}: prior_noise is defined on DDPM-style timesteps (t < "
+                             f"{policy.prior_noise_below} of 1000, the authors' SD pipelines); SVD's scheduler "
+                             "passes continuous noise levels (about -1.6..1.6), where it would inject at every step")
         plan.prior_noise = (float(policy.prior_noise), float(policy.prior_noise_below))
     return plan
 
@@ -259,6 +264,7 @@ def attention_phases(target: Target, plan: Plan, policy: TGate) -> None:
     if not plan.wrappers:
         raise ValueError(f"frkern.patch: {policy.name}: the model has no transformer attention to gate")
     plan.attention_modes = policy.attention_modes
+    plan.gate_modes = policy.attention_modes(policy.gate_step - 1)
 
 
 @register_installer(TGate)

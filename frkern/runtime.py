@@ -97,6 +97,7 @@ class Runtime:
         # what the later call must pass for it to apply); dropped with the generation.
         self.ahead: dict = {}
         self.attention_modes = None  # step -> AttentionModes, from the plan (T-GATE's attention units)
+        self.gate_modes = None  # the AttentionModes of T-GATE's gate step (run again when its outputs are gone)
         # This call's AttentionModes (None outside a tracked call): set on the host, so a compiled
         # network sees a few distinct values (one graph per step kind), not the step number.
         self.attention_now = None
@@ -145,7 +146,7 @@ class Runtime:
         new.begin_checks = list(self.begin_checks)
         new.stateful_units, new.persistent_units = set(self.stateful_units), set(self.persistent_units)
         new.encoded_units, new.protocol_units = set(self.encoded_units), set(self.protocol_units)
-        new.attention_modes, new.prior_noise = self.attention_modes, self.prior_noise
+        new.attention_modes, new.gate_modes, new.prior_noise = self.attention_modes, self.gate_modes, self.prior_noise
         memo[id(self)] = new
         return new
 
@@ -222,8 +223,14 @@ class Runtime:
         if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
             t = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
             return sample + scale * self.prior_latents if t < below else sample
-        weight = torch.where(timestep < below, scale, 0.0).to(sample.dtype)
-        return sample + weight * self.prior_latents
+        # the same sum as on the host (scale a Python number: one rounding of the product), chosen
+        # on the device
+        return torch.where(timestep < below, sample + scale * self.prior_latents, sample)
+
+    @property
+    def in_generation(self) -> bool:
+        """Has this runtime's model been called in the open generation?"""
+        return self.open and self._calls_in_generation > 0
 
     def finish(self) -> None:
         """The generation's sampler has run its last step: later calls are outside it."""
@@ -264,6 +271,10 @@ class Runtime:
         self._calls_in_generation += 1
         position, num_steps = self.plan_position()
         plan = self.policy.plan(position, num_steps)
+        if self.persistent_units and self._key_sigs.get(self.slot, call_sig) != call_sig:
+            # States that outlive keyframes (T-GATE's stored attention outputs) were made by a call of
+            # other shapes, weights or LoRA scale: none of them may be read again.
+            self.cache.drop_slot(self.slot)
         # A call that cannot reuse computes in full; what it runs (one CFG half) stays as planned.
         if not plan.keyframe and not self._can_reuse(call_sig, plan):
             self.stats["promoted"] += 1
@@ -272,7 +283,15 @@ class Runtime:
             self.stats["forced"] += 1  # the longest run of reuse calls is reached
             plan = FULL
         if self.attention_modes is not None:
-            self.attention_now = self.attention_modes(position)
+            modes = self.attention_modes(position)
+            if modes.cross[1] and not self.cache.slot_view(self.slot, only=self.persistent_units,
+                                                           encoded=self.persistent_units):
+                # It would return stored cross-attention outputs, and none are stored (dropped by a
+                # reset or a change of weights after the gate): this call is the gate again, both
+                # halves computed, the attention outputs stored as at gate_step - 1.
+                modes, plan = self.gate_modes, FULL
+                self.stats["regated"] += 1
+            self.attention_now = modes
         self.reads.clear()
         self.writes.clear()
         self.pending.clear()

@@ -156,12 +156,14 @@ class SchedulerTracker:
     def _inject(self, args, kwargs):
         """step's arguments with the sample a subscribed runtime adds to (Runtime.step_sample:
         EncoderPropagation's prior noise injection); unchanged when none does."""
-        injecting = [rt for rt in self.live() if rt.prior_noise is not None and rt.open]
+        # the models this generation calls (two pipelines may share a scheduler and run in turn)
+        injecting = [rt for rt in self.live() if rt.prior_noise is not None and rt.in_generation]
         if not injecting:
             return args, kwargs
         if len(injecting) > 1:
-            raise ValueError("frkern: two patched models with prior noise injection share one scheduler: each "
-                             "would add to its step's sample; give each pipeline its own scheduler")
+            raise ValueError("frkern: two patched models with prior noise injection are called in one generation "
+                             "of a shared scheduler: each would add to its step's sample; give each pipeline its "
+                             "own scheduler")
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if len(args) > 2:
             args = (*args[:2], injecting[0].step_sample(timestep, args[2]), *args[3:])

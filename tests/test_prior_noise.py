@@ -12,6 +12,7 @@ to the sample's dtype, then the sum), as the authors write it: a fused multiply-
 tests report as a difference."""
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -197,4 +198,36 @@ def test_a_hand_written_loop_is_warned_and_can_inject_itself():
     assert torch.equal(rt.step_sample(900, z), z)  # t >= 500: nothing; z recorded
     x = torch.randn(1, 4, 8, 8)
     assert torch.equal(rt.step_sample(torch.tensor(400), x), x + 0.5 * z)
+    handle.reset()  # drops cached features; the generation's z stays (it is no cached feature)
+    assert torch.equal(rt.step_sample(torch.tensor(400), x), x + 0.5 * z)
+    frkern.unpatch(unet)
+
+
+def test_two_pipelines_sharing_a_scheduler_each_inject_their_own_generation():
+    """Two UNets patched with prior noise behind one scheduler: a generation of one pipeline calls
+    that pipeline's model alone, so it injects once, as the statement."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe_a = _pipe("ddim")
+    pipe_b = StableDiffusionPipeline(**dict(pipe_a.components, unet=copy.deepcopy(pipe_a.unet)))
+    policy = frkern.EncoderPropagation(interval=INTERVAL, prior_noise=AUTHORS_SCALE)
+    frkern.patch(pipe_a, policy, backend="torch")
+    frkern.patch(pipe_b, policy, backend="torch")
+    want, _, _ = _statement("ddim", AUTHORS_SCALE, SEEDS)
+    assert torch.equal(_run(pipe_b, "ddim", SEEDS[0]), want[0])
+    assert torch.equal(_run(pipe_a, "ddim", SEEDS[0]), want[0])
+    frkern.unpatch(pipe_a)
+    frkern.unpatch(pipe_b)
+
+
+def test_refused_on_svd():
+    """SVD's scheduler passes continuous noise levels, not DDPM timesteps: t < 500 would hold at
+    every step. Refused, naming why; the model is left as it was."""
+    from tiny_video import svd_unet
+
+    unet = svd_unet()
+    with pytest.raises(ValueError, match="prior_noise is defined on DDPM-style timesteps"):
+        frkern.patch(unet, frkern.EncoderPropagation(interval=2, prior_noise=0.003))
+    assert frkern.handle_of(unet) is None
+    frkern.patch(unet, frkern.EncoderPropagation(interval=2))  # without it: fine
     frkern.unpatch(unet)

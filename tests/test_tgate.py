@@ -223,3 +223,49 @@ def test_compiled_has_no_breaks_and_no_recompiles(policy):
     base = COMPILE_MODELS["sd"]()
     stats = assert_compiles_once(base, policy, calls(base, FAMILIES["sd"][1], steps=6, batch=2), 6, what="TGate")
     assert stats.get("reuse", 0) > 0
+
+
+def _hand_loop_inputs(unet):
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 4, 8, 8, generator=g).repeat(2, 1, 1, 1)  # one latent, [uncond, cond]
+    ehs = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    return x, ehs
+
+
+@pytest.mark.parametrize("how", ["reset", "weights"])
+def test_the_gate_runs_again_when_its_stored_outputs_are_gone(how):
+    """After the gate a call returns stored cross-attention outputs. When they are gone (handle.reset()
+    mid-generation, or weights changed so they may not be read), the next call is the gate again:
+    both halves run in full (equal to the plain UNet's output bit for bit, as at gate_step - 1), the
+    means are stored, and the calls after it run one half reading them."""
+    from tiny import sd_unet
+
+    unet = sd_unet()
+    plain = copy.deepcopy(unet)
+    x, ehs = _hand_loop_inputs(unet)
+    handle = frkern.patch(unet, frkern.TGate(gate_step=2, sp_interval=2, warm_up=0), backend="torch")
+    handle.begin(8)
+
+    def call(i, model=unet):
+        handle.set_step(i)
+        with torch.no_grad():
+            return model(x, 900 - 100 * i, ehs).sample
+
+    for i in range(4):
+        call(i)
+    assert handle.stats == {"full": 1, "reuse": 3}
+    if how == "reset":
+        handle.reset()
+    else:
+        with torch.no_grad():
+            for m in (unet, plain):
+                m.conv_out.bias.add_(0.01)
+    with torch.no_grad():
+        gate = call(4)
+        want = plain(x, 500, ehs).sample
+    assert torch.equal(gate, want), "the call after the stored outputs went must run as the gate, in full"
+    assert handle.stats["regated"] == 1
+    halved = call(5)
+    u, c = halved.chunk(2)
+    assert torch.equal(u, c) and handle.stats["regated"] == 1  # one half again, reading the new means
+    frkern.unpatch(unet)
