@@ -197,6 +197,9 @@ class Runtime:
     def plan_position(self) -> tuple[int, int]:
         """(step, num_steps) as the policy counts them (Policy.counts_from_first_step)."""
         if self.policy.counts_from_first_step:
+            if self.step < self.start:
+                raise ValueError(f"frkern: {self.policy.name} counts steps from the generation's first step, "
+                                 f"{self.start} (handle.begin(num_steps, start)); set_step({self.step}) is before it")
             return self.step - self.start, self.num_steps - self.start
         return self.step, self.num_steps
 
