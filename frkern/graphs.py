@@ -21,6 +21,9 @@ attention modes of the step (T-GATE), the call's signature and inputs' structure
 one CFG half has a batch of its own), and which cached states it reads. T-GATE's stored attention
 outputs are reads and writes like any cached feature: a call that stores one writes it in its
 graph's pool, a later graph reads it there (or gets it copied in when the cache holds another).
+Unlike a keyframe's features they move on from call to call (a step that stores self-attention
+writes it in its own graph's pool), so after the gate most replays copy them in: a device copy per
+state, also for states the step then computes afresh.
 
 Each graph has a private memory pool: sharing one would let a later capture place its live outputs
 in an earlier graph's scratch memory. Host-side decisions (step, policy, cache validation) stay in
