@@ -540,9 +540,11 @@ def test_a_generation_its_set_up_already_ran_needs_no_warm_up_on_a_cpu():
     assert ran == ["b", "c", "a", "a", "a"]
 
 
-# svd by default (5-D latents plus its image conditioning); the other two share its loop: extended tier
+# Extended tier, all three (svd: 5-D latents plus its image conditioning; the other two share its
+# loop); the image rows above run the same harness by default
 @pytest.mark.parametrize("config", [pytest.param("animatediff", marks=pytest.mark.slow),
-                                    pytest.param("t2v", marks=pytest.mark.slow), "svd"])
+                                    pytest.param("t2v", marks=pytest.mark.slow),
+                                    pytest.param("svd", marks=pytest.mark.slow)])
 def test_latency_harness_runs_the_video_families(config, tmp_path):
     """--config animatediff / t2v / svd: 5-D latents (SVD's with its image latents concatenated) through
     the same CFG DDIM loop; the deepcache package's SD helper has no row there (it patches 2-D UNets
