@@ -114,10 +114,8 @@ class Handle:
         rt = self.runtime
         if rt.num_steps is None or not rt.open:
             rt.cache.new_generation()
-        else:  # the same generation from here: where it started and its first sample stay
-            start, prior_latents = rt.start, rt.prior_latents
-            rt.begin(rt.num_steps, rt.step)
-            rt.start, rt.prior_latents = start, prior_latents
+        else:
+            rt.restart()
 
     @property
     def caches(self) -> bool:

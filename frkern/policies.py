@@ -50,6 +50,12 @@ def _check_bool(name: str, value, cls: str) -> None:
         raise ValueError(f"{cls}: {name} must be True or False, got {value!r}")
 
 
+def _check_number(name: str, value, cls: str, positive: bool) -> None:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value < 0 or (positive and value == 0)):
+        raise ValueError(f"{cls}: {name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
 def _check_bias(value, cls: str) -> None:
     # r - bias with r = step / num_steps in [0, 1): a bias outside [0, 1] makes every lambda 0 or 1.
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
@@ -311,12 +317,8 @@ class EncoderPropagation(Policy):
         _check_int("parallel", self.parallel, 1, "EncoderPropagation")
         if self.key_steps and self.interval:
             raise ValueError("EncoderPropagation: give key_steps or interval, not both")
-        for name, lo in (("prior_noise", "0"), ("prior_noise_below", "> 0")):
-            v = getattr(self, name)
-            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                    or v < 0 or (lo != "0" and v == 0)):
-                raise ValueError(f"EncoderPropagation: {name} must be a finite number {'>= 0' if lo == '0' else lo}, "
-                                 f"got {v!r}")
+        _check_number("prior_noise", self.prior_noise, "EncoderPropagation", positive=False)
+        _check_number("prior_noise_below", self.prior_noise_below, "EncoderPropagation", positive=True)
         keys = tuple(sorted(set(self.key_steps) | {0})) if self.key_steps else ()
         object.__setattr__(self, "key_steps", keys)
 

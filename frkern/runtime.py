@@ -189,6 +189,13 @@ class Runtime:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         self.step = step
 
+    def restart(self) -> None:
+        """Drop every cached feature of the open generation (the next call is a keyframe); the
+        generation, where it started and its first sample stay."""
+        start, prior_latents = self.start, self.prior_latents
+        self.begin(self.num_steps, self.step)
+        self.start, self.prior_latents = start, prior_latents
+
     def locate(self, start: int) -> None:
         """Say that the generation's first step, the current one, is `start` of the schedule."""
         self.relocate(start)
@@ -216,8 +223,7 @@ class Runtime:
     def step_sample(self, timestep, sample: torch.Tensor) -> torch.Tensor:
         """The sample a tracked scheduler step of this generation receives: `sample`, plus
         scale * (the generation's first step's sample) where timestep < below (prior_noise). A
-        timestep on the host is compared there; one on the device is compared there too (a 0/scale
-        weight, no host read)."""
+        timestep on the host is compared there, one on the device on the device (no host read)."""
         if self.prior_noise is None or not self.open:
             return sample
         if self.prior_latents is None:

@@ -153,7 +153,7 @@ class SchedulerTracker:
                 rt.locate(start)
         return out
 
-    def _inject(self, args, kwargs):
+    def _inject(self, timestep, args, kwargs):
         """step's arguments with the sample a subscribed runtime adds to (Runtime.step_sample:
         EncoderPropagation's prior noise injection); unchanged when none does."""
         # the models this generation calls (two pipelines may share a scheduler and run in turn)
@@ -164,7 +164,6 @@ class SchedulerTracker:
             raise ValueError("frkern: two patched models with prior noise injection are called in one generation "
                              "of a shared scheduler: each would add to its step's sample; give each pipeline its "
                              "own scheduler")
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if len(args) > 2:
             args = (*args[:2], injecting[0].step_sample(timestep, args[2]), *args[3:])
         elif "sample" in kwargs:
@@ -172,17 +171,17 @@ class SchedulerTracker:
         return args, kwargs
 
     def _step(self, method, args, kwargs):
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         if self._steps == 0 and not self._located:
             # No begin index: find where the pipeline started from the timestep it passes.
             self._located = True
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
             index = _position(timestep, getattr(self.scheduler, "timesteps", None))
             if index:
                 self._first_entry = index
                 for rt in self.live():
                     if rt.open:
                         rt.locate(index // self._order())
-        args, kwargs = self._inject(args, kwargs)
+        args, kwargs = self._inject(timestep, args, kwargs)
         out = method(*args, **kwargs)
         self._steps += 1
         # Two-evaluation samplers (Heun, KDPM2) finish a step only on their second call.

@@ -389,8 +389,10 @@ class OutputShapes:
         leaves, self.spec = tree_flatten(value)
         self.leaves = tuple((True, tuple(x.shape), x.dtype, x.device) if isinstance(x, torch.Tensor) else (False, x)
                             for x in leaves)
-        self.zeros = {(dtype, device): torch.zeros((), dtype=dtype, device=device)
-                      for is_tensor, *rest in self.leaves if is_tensor for dtype, device in [rest[1:]]}
+        self.zeros = {}
+        for leaf in self.leaves:
+            if leaf[0] and leaf[2:] not in self.zeros:
+                self.zeros[leaf[2:]] = torch.zeros((), dtype=leaf[2], device=leaf[3])
 
     def stand_ins(self, writable: bool):
         """Zeros of the output's structure: broadcast views of a 0-d zero (no memory), or real zero
