@@ -60,6 +60,19 @@ def _auto_picks_triton(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and triton_available()
 
 
+def _wrap_triton(kernel):
+    """torch.library.wrap_triton (dynamo traces into the launch). Kernels of Triton's interpreter
+    (TRITON_INTERPRET=1) launch unwrapped, as torch >= 2.13's wrap_triton leaves them itself: older
+    torch (2.11 on the GPU image) raises for them, which would fail the CPU dry run there."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # a Triton without the interpreter
+        InterpretedFunction = ()
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return torch.library.wrap_triton(kernel)
+
+
 if triton_available():
 
     @torch.library.triton_op("frkern::group_norm_act", mutates_args=())
@@ -83,7 +96,7 @@ if triton_available():
         # Same body as kernels.group_norm.group_norm_act_triton, with launches wrapped for tracing.
         # Returns [y, (pre-norm sum), (q, scales of x when q_format)].
         out = _gn.group_norm_act_triton(
-            x, weight, bias, num_groups, eps, add, add_channel, silu, write_sum, launch=torch.library.wrap_triton,
+            x, weight, bias, num_groups, eps, add, add_channel, silu, write_sum, launch=_wrap_triton,
             x_scale=x_scale, x_group_size=x_group_size, x_dtype=x_dtype,
             quantize=(q_format, q_scales, q_group_size) if q_format else None,
         )
@@ -91,16 +104,16 @@ if triton_available():
 
     @torch.library.triton_op("frkern::dequantize_add", mutates_args=())
     def _dequantize_add_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group_size: int) -> torch.Tensor:
-        return _qc.dequantize_add_triton(x, q, scale, group_size, launch=torch.library.wrap_triton)
+        return _qc.dequantize_add_triton(x, q, scale, group_size, launch=_wrap_triton)
 
     @torch.library.triton_op("frkern::score_mix", mutates_args=())
     def _score_mix_op(eps_fr: torch.Tensor, eps_key: torch.Tensor, mix: float) -> torch.Tensor:
-        return _sm.score_mix_triton(eps_fr, eps_key, mix, launch=torch.library.wrap_triton)
+        return _sm.score_mix_triton(eps_fr, eps_key, mix, launch=_wrap_triton)
 
 
     @torch.library.triton_op("frkern::geglu", mutates_args=())
     def _geglu_op(x: torch.Tensor) -> torch.Tensor:
-        return _gg.geglu_triton(x, launch=torch.library.wrap_triton)
+        return _gg.geglu_triton(x, launch=_wrap_triton)
 
     @torch.library.triton_op("frkern::skip_conv", mutates_args=("x_ref", "z"))
     def _skip_conv_op(
@@ -115,7 +128,7 @@ if triton_available():
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Updates x_ref and z in place; returns the (active, affected) tile masks.
         _, _, active, affected = _sc.skip_conv_triton(
-            x, x_ref, z, weight, bias, tile, threshold, tuple(padding), launch=torch.library.wrap_triton
+            x, x_ref, z, weight, bias, tile, threshold, tuple(padding), launch=_wrap_triton
         )
         return active, affected
 
