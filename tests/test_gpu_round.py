@@ -148,3 +148,23 @@ def test_latency_help_answers_without_loading_torch():
     assert result.returncode == 0 and "--compile-graph" in result.stdout and "--emulate-graphs" in result.stdout
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "json" in imported and not {"torch", "frkern", "diffusers"} & imported
+
+
+def test_a_tests_stage_cut_off_says_what_ended_before(tmp_path):
+    # pytest -v under xdist, killed at the stage's budget: no summary line, only per-test lines
+    (tmp_path / "tests.log").write_text(
+        "==== tests: python3 -P -m pytest -v ...\n"
+        "[gw0] [  1%] PASSED tests/test_kernel_geglu.py::test_geglu[float16]\n"
+        "[gw1] [  2%] FAILED tests/test_graphs.py::test_tgate_graphs[cuda]\n"
+        "[gw0] [  3%] PASSED tests/test_kernel_geglu.py::test_geglu[bfloat16]\n"
+        "[gw2] [  4%] SKIPPED tests/test_compile.py::test_x \n"
+        "==== end of tests: exit None (timed out) after 150.0 s\n")
+    text = open(summarize.write(str(tmp_path))).read()
+    assert "cut off; tests that ended before: 2 passed, 1 failed, 1 skipped" in text
+    assert "- FAILED tests/test_graphs.py::test_tgate_graphs[cuda]" in text
+    # a finished run keeps pytest's own summary line and its FAILED lines
+    (tmp_path / "tests.log").write_text("[gw0] [100%] FAILED tests/a.py::t\nFAILED tests/a.py::t - boom\n"
+                                        "==== 1 failed, 3 passed in 9.00s ====\n")
+    text = open(summarize.write(str(tmp_path))).read()
+    assert "1 failed, 3 passed in 9.00s" in text and "- FAILED tests/a.py::t - boom" in text
+    assert "tests that ended before" not in text

@@ -81,7 +81,8 @@ class Stage:
 def stages(mode: str, work: str) -> list[Stage]:
     # --run-slow: the round picks its tests itself; the extended tier's (compile, Triton in a patched
     # UNet) are the ones a GPU is for
-    pytest_args = ["-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "--run-slow"]
+    # -v: a line per test as it ends, so a stage cut off at its budget still says what passed and failed
+    pytest_args = ["-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "--run-slow"]
     if mode == "gpu" and importlib.util.find_spec("xdist") is not None:  # the GPU image has pytest-xdist
         pytest_args += ["-n", "4", "--dist", "load"]  # Triton's and inductor's compiles side by side
     if mode == "gpu" and importlib.util.find_spec("pytest_timeout") is not None:

@@ -87,11 +87,23 @@ def pytest_line(text: str) -> str:
     return found[-1].strip() if found else ""
 
 
+def pytest_progress(text: str) -> tuple[str, list[str]]:
+    """From `pytest -v` lines (xdist: `[gw0] [ 12%] PASSED tests/...`), what ended before pytest was
+    cut off: counts per outcome and the tests that failed or errored."""
+    found = re.findall(r"\b(PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS) (tests/\S+)", text)
+    counts: dict[str, int] = {}
+    for outcome, _ in found:
+        counts[outcome.lower()] = counts.get(outcome.lower(), 0) + 1
+    bad = sorted({f"{o} {node}" for o, node in found if o in ("FAILED", "ERROR")})
+    return ", ".join(f"{n} {o}" for o, n in counts.items()), bad
+
+
 def failure_hint(out: str, stage: str) -> str:
     """A few words on why a stage failed, for its line in the stage table."""
     text = stage_log(out, stage)
     if stage == "tests":
-        line = pytest_line(text)
+        line = pytest_line(text) or (f"cut off; before that {pytest_progress(text)[0]}" if pytest_progress(text)[0]
+                                     else "")
         return f": {line}" if line else ""
     if stage == "preflight":
         lines = [l for l in text.splitlines() if l.startswith("PREFLIGHT")]
@@ -246,7 +258,12 @@ def render(out: str) -> str:
     tests = _read(out, "tests.log")
     if tests is not None:
         bad = [l for l in tests.splitlines() if re.match(r"^(FAILED|ERROR) ", l)]
-        lines += ["", "## Tests", "", pytest_line(tests) or "(no pytest summary line: see tests.log)"]
+        summary = pytest_line(tests)
+        if not summary:  # cut off at its budget: what the -v lines say had ended
+            progress, bad = pytest_progress(tests)
+            summary = (f"(no pytest summary line: cut off; tests that ended before: {progress})" if progress
+                       else "(no pytest summary line: see tests.log)")
+        lines += ["", "## Tests", "", summary]
         lines += [f"- {l}" for l in bad[:30]] + ([f"- ... {len(bad) - 30} more in tests.log"] if len(bad) > 30 else [])
     kernels = _read(out, "kernels.csv")
     if kernels:
