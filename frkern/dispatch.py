@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import decode_ahead, ops
+from . import decode_ahead, forward_chain, ops
 from .cache import signature
 from .cache_format import CacheFormat, as_cache_format, check_device_support, codec_for
 from .executor import Executor
@@ -53,8 +53,14 @@ class Handle:
         self.runtime.prior_noise = plan.prior_noise
         self._pipelines: list[weakref.ref] = []  # pipelines whose scheduler drives this model
         self._trackers: dict[int, SchedulerTracker] = {}  # id(pipeline) -> tracker of its scheduler
-        self._own_forward = model.__dict__.get("forward")  # restored as found by unpatch
-        self.executor = Executor(model.forward, self.runtime, cuda_graphs)
+        # frkern's forward replaces the model's own at the bottom of its forward chain, beneath any
+        # accelerate/diffusers hooks (frkern.forward_chain); unpatch puts back what it replaced: the
+        # model's own forward, or nothing where the class forward showed through.
+        self._replaced = forward_chain.bottom(model).get()
+        self.executor = Executor(self._replaced or forward_chain.own_forward(model), self.runtime, cuda_graphs)
+        # What stands for this handle in the chain: its forward, one bound-method object to find it
+        # by (frkern.distributed's CFG split wraps it and puts its own here).
+        self._chain_forward = self.forward
         self._warned_untracked = False
         self.active = False
         # Where the callers of one generation are split over processes (frkern.distributed's CFG
@@ -78,7 +84,8 @@ class Handle:
             cuda_graphs=self.cuda_graphs, cache_format=self.cache_format,
             installation=copy.deepcopy(self.installation, memo),
             runtime=copy.deepcopy(self.runtime, memo), _pipelines=[], _trackers={},
-            _own_forward=copy.deepcopy(self._own_forward, memo), executor=copy.deepcopy(self.executor, memo),
+            _replaced=copy.deepcopy(self._replaced, memo), executor=copy.deepcopy(self.executor, memo),
+            _chain_forward=copy.deepcopy(self._chain_forward, memo),
             _warned_untracked=False, active=self.active, indicator_reduction=None)
         for ref in self._pipelines:
             pipe = ref()
@@ -178,7 +185,9 @@ class Handle:
     def graph_stats(self) -> dict:
         """With cuda_graphs=True: captures, replays, read_copies (cached features copied into a
         graph because the keyframe came from elsewhere), evicted, staging_waits (replays whose host
-        inputs had to wait for the previous copy out of the graph's pinned staging buffer)."""
+        inputs had to wait for the previous copy out of the graph's pinned staging buffer),
+        storage_moves (times every graph was dropped because the weights came back at new
+        addresses, as model CPU offload brings them each generation)."""
         return dict(self.graphs.stats) if self.graphs is not None else {}
 
     def run_network(self, sample, timestep, encoder_hidden_states=None, **kwargs) -> torch.Tensor:
@@ -391,12 +400,7 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
                if pipeline is not None else "")
             + "; call frkern.unpatch first"
         )
-    own = model.__dict__.get("forward")
-    if own is not None and not (getattr(own, "__func__", None) is type(model).forward and own.__self__ is model):
-        raise RuntimeError(
-            "frkern.patch: the model's forward is already replaced by something else (another "
-            "caching helper such as DeepCache enabled?); disable it first"
-        )
+    forward_chain.bottom(model)  # a RuntimeError if an unknown wrapper hides the model's own forward
     family.check_supported(model)
     target_parts = Target(model, family, family.parts(model), backend)
     try:
@@ -409,7 +413,7 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     handle.installation = install(target_parts, plan, handle.runtime)
     # torch.compile must not trace the host-side step logic (its guards would change every step):
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.
-    model.forward = handle.forward
+    forward_chain.bottom(model).set(handle._chain_forward)
     model.__dict__[_HANDLE_ATTR] = handle
     handle.active = True
     handle.track(pipeline)
@@ -436,9 +440,9 @@ def unpatch(target) -> None:
     if handle is None:
         raise RuntimeError("frkern.unpatch: this model is not patched")
     handle.installation.uninstall()
-    model.__dict__.pop("forward", None)
-    if handle._own_forward is not None:
-        model.forward = handle._own_forward
+    slot = forward_chain.slot_of(model, handle._chain_forward)
+    if slot is not None:  # else a wrapper that is no hook replaced the whole chain since: leave it
+        forward_chain.put_back(model, slot, handle._replaced)
     for tracker in set(handle._trackers.values()):
         tracker.unsubscribe(handle.runtime)
     handle._trackers.clear()

@@ -101,6 +101,7 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from . import forward_chain
 from .dispatch import Handle, handle_of
 
 __all__ = ["cfg_parallel", "CfgParallel", "cfg_parallel_of", "shard"]
@@ -210,9 +211,14 @@ class CfgParallel:
         self._token = None  # the weights token at the last header, and its changes in this generation
         self._token_changes = 0
         model = handle.unet
-        self._inner = model.__dict__["forward"]  # the patched forward (handle.forward)
+        slot = forward_chain.slot_of(model, handle._chain_forward)
+        if slot is None:
+            raise RuntimeError("frkern.distributed: the patched forward is no longer in the model's forward chain "
+                               "(replaced by another wrapper since patching?); frkern.unpatch and patch again")
+        self._inner = handle._chain_forward  # the patched forward (handle.forward)
         self._forward = self.forward  # one bound method object, to recognise it later
-        model.forward = self._forward
+        slot.set(self._forward)  # where the patched forward was: beneath any offload hooks
+        handle._chain_forward = self._forward  # what unpatch looks for
         handle.__dict__[_ATTR] = self  # on the handle, not the model: unpatch drops it with the handle
         self._reduction = self._reduce  # likewise (each attribute access makes a new bound method)
         handle.indicator_reduction = self._reduction
@@ -232,7 +238,8 @@ class CfgParallel:
     @property
     def installed(self) -> bool:
         """Is the split in force? (False after undo(), and after frkern.unpatch of the model.)"""
-        return self.active and self.handle.active and self.handle.unet.__dict__.get("forward") is self._forward
+        return (self.active and self.handle.active
+                and forward_chain.slot_of(self.handle.unet, self._forward) is not None)
 
     def __enter__(self):
         return self
@@ -247,11 +254,11 @@ class CfgParallel:
             return
         self.active = False
         model = self.handle.unet
-        if model.__dict__.get("forward") is self._forward:  # else unpatch (and maybe a new patch) replaced it
-            if self.handle.active:
-                model.forward = self._inner
-            else:
-                del model.__dict__["forward"]
+        slot = forward_chain.slot_of(model, self._forward)
+        if slot is not None and self.handle.active:  # else unpatch (and maybe a new patch) replaced it
+            slot.set(self._inner)
+        if self.handle._chain_forward is self._forward:
+            self.handle._chain_forward = self._inner
         if self.handle.indicator_reduction is self._reduction:
             self.handle.indicator_reduction = None
         if self.handle.__dict__.get(_ATTR) is self:

@@ -25,6 +25,11 @@ Unlike a keyframe's features they move on from call to call (a step that stores 
 writes it in its own graph's pool), so after the gate most replays copy them in: a device copy per
 state, also for states the step then computes afresh.
 
+Weights are read where the graph was captured: a weights token change (frkern.watch) or any
+parameter's storage moving (model CPU offload brings the UNet back at new addresses each generation)
+drops every graph. Hooks that re-store weights inside the forward (layerwise casting, group
+offloading, sequential offload) would be captured themselves, reading storage they then replace: refused.
+
 Each graph has a private memory pool: sharing one would let a later capture place its live outputs
 in an earlier graph's scratch memory. Host-side decisions (step, policy, cache validation) stay in
 Python around the replay, as in eager mode.
@@ -232,9 +237,23 @@ class GraphRunner:
         except TypeError as e:  # an unhashable non-tensor argument: its value cannot key a graph
             raise TypeError(f"frkern: cuda_graphs=True needs hashable non-tensor UNet arguments: {e}") from e
 
-        if call_sig.weights != self._weights:  # weights replaced: every graph points at old memory
+        watch = rt.watch
+        if watch.inner_storage_hooks:
+            names = watch.inner_storage_hooks
+            raise RuntimeError(
+                f"frkern: cuda_graphs=True cannot capture a model whose weights hooks re-store inside its forward "
+                f"({len(names)} modules, e.g. {names[0]!r}: diffusers' layerwise casting or group offloading, "
+                "accelerate's sequential CPU offload): a replay would read storage the hooks have since replaced. "
+                "Patch with cuda_graphs=False, or remove those hooks (model CPU offload, a hook on the whole "
+                "model, works: its graphs are recaptured when the weights come back at new addresses)")
+        storage = watch.storage()
+        if (call_sig.weights, storage) != self._weights:
+            # weights replaced or moved (model CPU offload brings them back at new addresses): every
+            # graph points at old memory
+            if self._weights is not None and call_sig.weights == self._weights[0]:
+                self.stats["storage_moves"] += 1
             self.clear()
-            self._weights = call_sig.weights
+            self._weights = (call_sig.weights, storage)
         graph = self.graphs.get(key)
         if graph is None:
             if sample.device.type != "cuda" and self.capture is cuda_capture:

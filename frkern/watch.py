@@ -107,6 +107,8 @@ class WeightsWatch:
         self._pointed: list[torch.Tensor] = []  # parameters whose storage pointers are hashed
         self._hooked_ids = 0  # which parameters storage hooks manage (watched by version only)
         self._pointers = None
+        # submodules (not the model itself) under storage hooks: their hooks run inside the forward
+        self.inner_storage_hooks: list[str] = []
 
     def refresh(self) -> None:
         """Re-list the parameters and adapter layers; let modules that bind to their children rebind."""
@@ -123,14 +125,23 @@ class WeightsWatch:
             rebind = getattr(type(m), "rebind", None)
             if rebind is not None:
                 rebind(m)
-        self._find_storage_hooks(modules)
+        self._find_storage_hooks()
 
-    def _find_storage_hooks(self, modules=None) -> None:
-        modules = list(self.model.modules()) if modules is None else modules
-        hooked = {id(p) for m in modules if _restores_storage(m) for p in m.parameters()}
+    def _find_storage_hooks(self) -> None:
+        named = list(self.model.named_modules(remove_duplicate=False))
+        hooked_modules = [(name, m) for name, m in named if _restores_storage(m)]
+        hooked = {id(p) for _, m in hooked_modules for p in m.parameters()}
+        self.inner_storage_hooks = [name for name, _ in hooked_modules if name]
         self._pointed = [p for p in self.params if id(p) not in hooked]
         self._hooked_ids = hash(tuple(sorted(hooked)))
         self._pointers = hash(tuple(map(_DATA_PTR, self._pointed)))
+
+    def storage(self) -> int:
+        """Where every parameter's storage is, those under storage hooks included (a CUDA graph reads
+        them at the addresses it was captured with). Valid after token()."""
+        if len(self._pointed) == len(self.params):
+            return self._pointers
+        return hash(tuple(map(_DATA_PTR, self.params)))
 
     def token(self) -> tuple:
         if self._epoch != _epoch[0]:
