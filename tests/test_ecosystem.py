@@ -23,7 +23,8 @@ from reference import FRDiffHooks
 from reference_positioned import FRDiffByPosition
 from test_lifecycle import assert_weight_change_promotes
 from test_pipelines import generate
-from tiny import ddim, make_sd_pipeline, sd_inputs, sd_prompt_kwargs, sd_unet, sdxl_prompt_kwargs, sdxl_unet, vae
+from tiny import (ddim, make_sd_pipeline, make_sdxl_pipeline, sd_inputs, sd_prompt_kwargs, sd_unet, sdxl_prompt_kwargs,
+                  sdxl_unet, vae)
 
 SCHED_CFG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -268,6 +269,37 @@ def test_img2img_plans_by_position_in_the_whole_schedule(kind, scheduler, streng
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), (first, handle.stats)
     # later keyframes of the whole schedule are reached: one full call per keyframe position
     assert handle.stats["full"] == 1 + sum(1 for p in ref.positions[1:] if p % 3 == 0)
+
+
+@pytest.mark.parametrize("split", [0.5, 0.8])
+def test_sdxl_base_with_denoising_end_and_refiner_with_denoising_start(split):
+    """SDXL's ensemble of experts: the base pipeline runs the schedule's first steps (denoising_end),
+    the refiner (img2img with denoising_start, its own UNet) the rest from the base's latents. Both
+    patched, each planned by position in its whole schedule (FRDiffByPosition on copies); a second
+    round equals the first (the base's generation, cut short, closes on its next set_timesteps)."""
+    steps, policy = 10, frkern.FRDiff(interval=3, score_mix=True)
+    base, prompt = make_sdxl_pipeline(scheduler=ddim()), sdxl_prompt_kwargs()
+    refiner, _ = img2img_pipeline("sdxl", EulerDiscreteScheduler(**SCHED_CFG))
+    refiner.unet = sdxl_unet(seed=3)
+
+    def ensemble(base, refiner):
+        latents = generate(base, prompt, steps=steps, denoising_end=split)
+        return generate(refiner, prompt, steps=steps, image=latents, denoising_start=split)
+
+    ref_base, ref_refiner = copy.deepcopy(base), copy.deepcopy(refiner)
+    ref_b = FRDiffByPosition(ref_base.unet, ref_base.scheduler, policy.interval, policy.score_mix)
+    ref_r = FRDiffByPosition(ref_refiner.unet, ref_refiner.scheduler, policy.interval, policy.score_mix)
+    want = ensemble(ref_base, ref_refiner)
+    cut = round(steps * split)
+    assert ref_b.positions == list(range(cut)) and ref_r.positions[0] >= cut - 1 and ref_r.positions[-1] == steps - 1
+    handles = frkern.patch(base, policy, backend="torch"), frkern.patch(refiner, policy, backend="torch")
+    for _ in range(2):
+        got = ensemble(base, refiner)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6), [h.stats for h in handles]
+    base_stats, refiner_stats = handles[0].stats, handles[1].stats
+    assert base_stats["full"] == sum(1 for p in ref_b.positions if p % 3 == 0)
+    assert refiner_stats["full"] == 1 + sum(1 for p in ref_r.positions[1:] if p % 3 == 0)
+    assert base_stats.get("reuse", 0) + base_stats.get("skip", 0) > 0
 
 
 # --- schedulers: shared, replaced, and their signatures ------------------------------------------
