@@ -20,6 +20,14 @@ class TGateAttention(_Wrapper):
         super().__init__(original, runtime, unit, cache_unit, backend)
         runtime.declare(unit, persistent=True)  # its stored output outlives keyframes
 
+    # It stands where a diffusers Attention stood, and diffusers finds attentions by isinstance:
+    # PAG's pipelines (which self-attentions get its processor), fuse_qkv_projections (which ones
+    # fuse). isinstance falls back on __class__ when type() does not match, so the wrapper passes as
+    # its original's class there; type() (frkern's own checks, copies, pickling) still says what it is.
+    @property
+    def __class__(self):
+        return type(self.__dict__["original"])
+
     def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
         rt = self.runtime
         cross = encoder_hidden_states is not None
@@ -38,7 +46,8 @@ class TGateAttention(_Wrapper):
                 if out.shape[0] % 2:
                     raise ValueError(f"frkern: T-GATE averages the two CFG halves of {self.unit}'s output at its gate "
                                      f"step, but the batch of {out.shape[0]} holds no [uncond, cond] halves (a "
-                                     "pipeline without classifier-free guidance?); patch with TGate(cfg=False)")
+                                     "pipeline without classifier-free guidance, or PAG's [uncond, cond, perturbed]?); "
+                                     "patch with TGate(cfg=False)")
                 uncond, cond = out.chunk(2)
                 return out, (uncond + cond) / 2
             return out, out

@@ -306,7 +306,7 @@ class Handle:
         if n % 2:
             raise ValueError(f"frkern: {self.policy.name} runs one CFG half after its gate, but this call's batch of "
                              f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
-                             "without classifier-free guidance")
+                             "without classifier-free guidance or with PAG's [uncond, cond, perturbed]")
         keep = self.installation.plan.cfg_keep
         half = call.samples(n, keep * (n // 2), n // 2)
         if self.graphs is not None:

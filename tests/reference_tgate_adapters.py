@@ -66,10 +66,13 @@ class TGateHooks:
     is only written when caching (as the package's `if cache != None: self.cache = cache`).
     From call gate_step on, the UNet runs on the first half of every batch-leading input (sample,
     a batched timestep, encoder_hidden_states, added_cond_kwargs' tensors and lists of tensors,
-    ControlNet residuals, timestep_cond) and its output is duplicated to the full batch."""
+    ControlNet residuals, timestep_cond) and its output is duplicated to the full batch.
+    cfg=False (T-GATE on a batch that is not [uncond, cond], e.g. PAG's [uncond, cond, perturbed]
+    with TGate(cfg=False)): no halving, and the gate stores each output as it is."""
 
-    def __init__(self, unet, gate_step, sp_interval, fi_interval, warm_up):
+    def __init__(self, unet, gate_step, sp_interval, fi_interval, warm_up, cfg=True):
         self.g = gate_step
+        self.cfg = cfg  # False: the batch is not [uncond, cond]: nothing halved, the gate stores the output itself
         self.params = dict(gate_step=gate_step, sp_interval=sp_interval, fi_interval=fi_interval, warm_up=warm_up)
         self.step = -1
         self.flags = None
@@ -87,7 +90,7 @@ class TGateHooks:
             self.step += 1
             self.flags = tgate_scheduler(cur_step=self.step, **self.params)
             n = sample.shape[0]
-            if self.step < self.g:
+            if self.step < self.g or not self.cfg:
                 self.halved_inputs.append(n)
                 return inner(sample, timestep, *args, **kwargs)
             assert n % 2 == 0, "T-GATE after the gate needs [uncond, cond] halves"
@@ -115,7 +118,7 @@ class TGateHooks:
             if f["reuse"] and name in self.store:
                 return self.store[name]
             if f["cache"]:
-                if keep_shape:
+                if keep_shape or not self.cfg:
                     self.store[name] = out
                 else:
                     uncond, cond = out.chunk(2)

@@ -230,3 +230,73 @@ def test_ip_adapter_at_scale_one_equals_the_hook_statement(params):
     pipe.set_ip_adapter_scale(0.0)
     off, _ = _frkern(pipe, params, **prompt, ip_adapter_image_embeds=embeds)
     assert _rel(got, off) > 1e-3
+
+
+# --- PAG (perturbed-attention guidance) and fused projections: diffusers finds attentions by type --
+def _pag_pipeline():
+    from diffusers import StableDiffusionPAGPipeline
+
+    pipe = StableDiffusionPAGPipeline(vae=vae(), text_encoder=None, tokenizer=None, unet=sd_unet(), scheduler=ddim(),
+                                      safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                                      pag_applied_layers=["mid"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+PAG_PARAMS = dict(gate_step=3, sp_interval=2, fi_interval=1, warm_up=1)
+
+
+def test_pag_finds_its_self_attentions_under_tgate_and_equals_the_statement():
+    """PAG's pipeline sets its processor on the self-attentions it finds by isinstance(Attention)
+    (here the mid block's) for the call; T-GATE's wrappers stand where those attentions were. With
+    CFG the batch is [uncond, cond, perturbed]: TGate(cfg=False) stores and reuses whole outputs,
+    as TGateHooks(cfg=False) on an unpatched copy does: bit for bit."""
+    pipe = _pag_pipeline()
+    prompt = sd_prompt_kwargs()
+    ref = copy.deepcopy(pipe)
+    hooks = TGateHooks(ref.unet, **PAG_PARAMS, cfg=False)
+    want = ref(**prompt, **RUN, pag_scale=2.0, generator=_gen()).images
+    assert hooks.halved_inputs == [3] * STEPS  # [uncond, cond, perturbed] on every call
+
+    handle = frkern.patch(pipe, frkern.TGate(**PAG_PARAMS, cfg=False), backend="torch")
+    seen = []
+    attn = pipe.unet.mid_block.attentions[0].transformer_blocks[0].attn1
+
+    def record(p, i, t, kw):
+        seen.append(type(attn.processor).__name__)
+        return {}
+
+    got = pipe(**prompt, **RUN, pag_scale=2.0, generator=_gen(), callback_on_step_end=record).images
+    assert type(attn).__name__ == "TGateAttention" and all("PAG" in name for name in seen), seen
+    assert torch.equal(got, want), _rel(got, want)
+    assert handle.stats == {"full": 1, "reuse": STEPS - 1}
+    assert not torch.equal(got, pipe(**prompt, **RUN, pag_scale=0.0, generator=_gen()).images)  # PAG acts
+
+
+def test_tgate_with_cfg_halves_refuses_pags_batch_of_three():
+    pipe = _pag_pipeline()
+    frkern.patch(pipe, frkern.TGate(**PAG_PARAMS), backend="torch")
+    with pytest.raises(ValueError, match=r"batch of 3 .*PAG.*TGate\(cfg=False\)"):
+        pipe(**sd_prompt_kwargs(), **RUN, pag_scale=2.0, generator=_gen())
+
+
+@pytest.mark.parametrize("params", PARAMS[:1], ids=IDS[:1])
+def test_fused_projections_after_patching_with_tgate(params):
+    """fuse_qkv_projections fuses the attentions it finds by isinstance(Attention): under T-GATE's
+    wrappers too (it failed with "'Attention' object has no attribute 'to_qkv'" when they did not
+    pass as attentions). Against the statement on a copy fused the same way."""
+    pipe = make_sd_pipeline()
+    prompt = sd_prompt_kwargs()
+    ref = copy.deepcopy(pipe)
+    ref.fuse_qkv_projections()
+    TGateHooks(ref.unet, **params)
+    want = ref(**prompt, **RUN, generator=_gen()).images
+    handle = frkern.patch(pipe, frkern.TGate(**params), backend="torch")
+    pipe.fuse_qkv_projections()
+    assert all("Fused" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+    got = pipe(**prompt, **RUN, generator=_gen()).images
+    assert torch.equal(got, want), _rel(got, want)
+    assert handle.stats == {"full": 1, "reuse": STEPS - 1}
+    pipe.unfuse_qkv_projections()
+    frkern.unpatch(pipe)
+    assert not any("Fused" in type(p).__name__ for p in pipe.unet.attn_processors.values())
