@@ -107,3 +107,51 @@ def test_schedulers_are_tracked(name):
     out = generate(pipe, prompt, steps=6)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
     frkern.unpatch(pipe)
+
+
+def _compatible_schedulers():
+    import diffusers
+
+    names = {c.__name__ for c in make_sd_pipeline().scheduler.compatibles}
+    names |= {"LCMScheduler", "TCDScheduler", "SASolverScheduler", "EDMEulerScheduler",
+              "EDMDPMSolverMultistepScheduler", "IPNDMScheduler"}
+    out = []
+    for name in sorted(names):
+        cls = getattr(diffusers, name, None)
+        needs = getattr(cls, "_backends", ())
+        if cls is not None and "torchsde" not in needs:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("name", _compatible_schedulers())
+def test_every_scheduler_is_tracked_step_by_step(name):
+    """Every scheduler an SD pipeline can take (diffusers' `compatibles`, plus the consistency-model,
+    EDM and SA-Solver ones): NoReuse gives the plain pipeline's latents bit for bit, and DeepCache's
+    calls are tracked to the steps they belong to: 0 .. n-1 in order, each step reached, the
+    scheduler's extra evaluations (Heun/KDPM2's second, PLMS's warm-up) in the step they serve,
+    nothing untracked, and a second generation repeats the first."""
+    import diffusers
+
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    pipe = make_sd_pipeline()
+    pipe.scheduler = getattr(diffusers, name).from_config(dict(pipe.scheduler.config, **cfg))
+    prompt, steps = sd_prompt_kwargs(), 7
+    plain = generate(pipe, prompt, steps=steps)
+    handle = frkern.patch(pipe, frkern.NoReuse())
+    assert torch.equal(generate(pipe, prompt, steps=steps), plain)
+    frkern.unpatch(pipe)
+
+    handle = frkern.patch(pipe, frkern.DeepCache(interval=3))
+    seen = []
+    start = handle.runtime.start_call
+    handle.runtime.start_call = lambda sig: (seen.append(handle.runtime.step), start(sig))[1]
+    first = generate(pipe, prompt, steps=steps)
+    assert handle.runtime.num_steps == steps
+    # PNDM's Runge-Kutta warm-up (skip_prk_steps=False) steps after each of its evaluations: each
+    # counts as a step, one per entry of its timesteps (README, Using it)
+    counted = len(pipe.scheduler.timesteps) if name == "PNDMScheduler" else steps
+    assert seen == sorted(seen) and sorted(set(seen)) == list(range(counted)), seen
+    stats = handle.stats
+    assert "untracked" not in stats and stats["reuse"] > 0 and torch.isfinite(first).all(), stats
+    assert torch.equal(generate(pipe, prompt, steps=steps), first) and handle.stats == stats
