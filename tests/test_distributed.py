@@ -143,6 +143,16 @@ def _worker(rank: int, store: str, out_dir: str, started: float) -> None:
             with fd.cfg_parallel(pipe) as cp, CountCollectives() as c:
                 res[f"cfg/{name}"] = generate(pipe, CFG_ITEMS)
                 res[f"cfg/{name}"].update(collectives=dict(c.counts), timings=dict(cp.timings), calls=cp.calls)
+        # the same split under model CPU offload (accelerate's hook on the UNet, removed and re-added by
+        # the pipeline around each call): the split's forward goes where the patched forward is, beneath it
+        pipe = patched(CFG_POLICIES["adaptive"])
+        pipe.enable_model_cpu_offload(device="cpu")
+        with fd.cfg_parallel(pipe) as cp:
+            res["cfg/offloaded"] = generate(pipe, CFG_ITEMS)
+            res["cfg/offloaded"].update(calls=cp.calls, installed=cp.installed,
+                                        hooked=type(getattr(pipe.unet, "_hf_hook", None)).__name__)
+        res["cfg/offloaded"]["after undo"] = (
+            pipe.unet.__dict__["_old_forward"] == frkern.handle_of(pipe)._chain_forward)
         phases["cfg parallel"] = time.time() - started
         res["cost"] = collective_cost()
         res["errors"] = errors(rank)
@@ -382,6 +392,16 @@ def test_cfg_parallel_undo_and_unpatch(ranks):
         lc = results[r]["lifecycle"]
         assert lc == {"during": (True, True, True, True), "after undo": (True, True, True),
                       "after unpatch": (True, True), "again": True}
+
+
+def test_cfg_parallel_under_model_cpu_offload(ranks):
+    results, ref = ranks
+    want = ref["cfg/adaptive"]
+    for r in range(2):
+        got = results[r]["cfg/offloaded"]
+        assert got["hooked"] == "CpuOffload" and got["installed"] and got["calls"] == STEPS
+        assert rel(got["latents"], want["latents"]) < 1e-5 and got["per_step"] == want["per_step"]
+        assert got["after undo"]  # undo put the patched forward back beneath the hook
 
 
 def test_shard_splits_like_accelerate():
