@@ -41,6 +41,17 @@ class _Tracked:
     def __call__(self, *args, **kwargs):
         return getattr(self._tracker, "_" + self._name)(self.__wrapped__, args, kwargs)
 
+    def __deepcopy__(self, memo):
+        # Copied with its scheduler (a pipeline's deepcopy): the copy's own tracker and method.
+        # Copied without it (StableDiffusionPanoramaPipeline saves `deepcopy(scheduler.__dict__)` and
+        # restores it with `__dict__.update` per view): itself, still bound to this scheduler; a copy
+        # would bind `step` to a copy of the scheduler, whose state the pipeline never sees.
+        if id(self._tracker.scheduler) not in memo:
+            return self
+        import copy
+
+        return _Tracked(copy.deepcopy(self._tracker, memo), self._name, copy.deepcopy(self.__wrapped__, memo))
+
 
 def _position(timestep, timesteps) -> int | None:
     """Index of `timestep` in `timesteps` without reading device memory, or None."""
@@ -60,6 +71,14 @@ def _position(timestep, timesteps) -> int | None:
     return int(hits[0, 0]) if len(hits) else None
 
 
+def _entry(timestep):
+    """Which element of which tensor a timestep is (its storage and address; no device read), or
+    None for a Python number."""
+    if isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
+        return timestep.untyped_storage().data_ptr(), timestep.data_ptr()
+    return None
+
+
 class SchedulerTracker:
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -68,6 +87,7 @@ class SchedulerTracker:
         self._steps = 0  # step() calls in this generation
         self._first_entry = 0  # where in scheduler.timesteps the generation starts
         self._located = False
+        self._last_entry = None  # the schedule entry the last step() got (see _stepped_twice)
         for name in _METHODS:
             if hasattr(scheduler, name):
                 setattr(scheduler, name, _Tracked(self, name, getattr(scheduler, name)))
@@ -85,10 +105,13 @@ class SchedulerTracker:
     def __deepcopy__(self, memo):
         import copy
 
+        if id(self.scheduler) not in memo:  # a copy of the scheduler's __dict__ alone (see _Tracked)
+            return self
         new = SchedulerTracker.__new__(SchedulerTracker)
         memo[id(self)] = new
         new.__dict__.update(scheduler=copy.deepcopy(self.scheduler, memo), runtimes=[],
-                            _own=copy.deepcopy(self._own, memo), _steps=0, _first_entry=0, _located=False)
+                            _own=copy.deepcopy(self._own, memo), _steps=0, _first_entry=0, _located=False,
+                            _last_entry=None)
         return new
 
     def __reduce__(self):
@@ -138,6 +161,7 @@ class SchedulerTracker:
         out = method(*args, **kwargs)
         n = getattr(self.scheduler, "num_inference_steps", None) or len(self.scheduler.timesteps)
         self._steps = 0
+        self._last_entry = None
         self._located = False
         start = self._start_step()
         for rt in self.live():
@@ -152,6 +176,21 @@ class SchedulerTracker:
             if rt.open:
                 rt.locate(start)
         return out
+
+    def _stepped_twice(self) -> None:
+        """step() got the very schedule entry of its previous call (the same element of
+        scheduler.timesteps, not an equal value: PLMS and Heun repeat values at other entries): a
+        pipeline that denoises several views or tiles per timestep and steps each
+        (StableDiffusionPanoramaPipeline, MultiDiffusion). Each view's UNet call then looks like the
+        next step, so a caching policy would hand one view the features of another: refused before
+        this step uses the call's output. Policies that cache nothing are unaffected."""
+        caching = [rt for rt in self.live() if rt.caches and rt.in_generation]
+        if caching:
+            raise ValueError(
+                f"frkern: {type(self.scheduler).__name__}.step was called twice for one timestep, as a pipeline "
+                "that steps several views or tiles per timestep does (StableDiffusionPanoramaPipeline, "
+                f"MultiDiffusion): {caching[0].policy.name} plans one UNet call per step and would give one view "
+                "another's cached features. Patch such a pipeline with a policy that caches nothing (NoReuse)")
 
     def _inject(self, timestep, args, kwargs):
         """step's arguments with the sample a subscribed runtime adds to (Runtime.step_sample:
@@ -172,6 +211,10 @@ class SchedulerTracker:
 
     def _step(self, method, args, kwargs):
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        entry = _entry(timestep)
+        if entry is not None and entry == self._last_entry:
+            self._stepped_twice()
+        self._last_entry = entry
         if self._steps == 0 and not self._located:
             # No begin index: find where the pipeline started from the timestep it passes.
             self._located = True

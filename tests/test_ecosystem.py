@@ -302,6 +302,63 @@ def test_sdxl_base_with_denoising_end_and_refiner_with_denoising_start(split):
     assert base_stats.get("reuse", 0) + base_stats.get("skip", 0) > 0
 
 
+def panorama_pipeline(scheduler):
+    """StableDiffusionPanoramaPipeline (MultiDiffusion): per timestep it runs the UNet on each view
+    and steps each with the scheduler's state restored from a deep copy of its __dict__. Two
+    overlapping 16x16 latent views of a 16x24 latent (its get_views assumes 64-latent windows and a
+    VAE factor of 8; these tiny components have a factor of 2)."""
+    import warnings
+
+    from diffusers import StableDiffusionPanoramaPipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated in diffusers, still shipped
+        pipe = StableDiffusionPanoramaPipeline(vae=vae(), text_encoder=None, tokenizer=None, unet=sd_unet(),
+                                               scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                               requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.get_views = lambda height, width, **kw: [(0, 16, 0, 16), (0, 16, 8, 24)]
+    return pipe
+
+
+def _panorama(pipe):
+    return pipe(**sd_prompt_kwargs(), num_inference_steps=4, height=32, width=48,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "dpm"])
+def test_panorama_restores_the_scheduler_state_it_copies(scheduler):
+    """NoReuse: bit for bit. frkern's tracked methods sit in the scheduler's __dict__; the pipeline's
+    deep copy of that dict must keep them bound to this scheduler (a copy bound them to a copy of the
+    scheduler, whose step state the pipeline never saw: Euler's latents were off by 10)."""
+    make = {"euler": lambda: EulerDiscreteScheduler(**SCHED_CFG),
+            "dpm": lambda: DPMSolverMultistepScheduler(**SCHED_CFG)}[scheduler]
+    want = _panorama(panorama_pipeline(make()))
+    pipe = panorama_pipeline(make())
+    frkern.patch(pipe, frkern.NoReuse(), backend="torch")
+    calls = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape))
+    assert torch.equal(_panorama(pipe), want)
+    assert len(calls) == 8  # 4 steps x 2 views
+
+
+@pytest.mark.parametrize("policy", [frkern.DeepCache(interval=3), frkern.FRDiff(interval=2)], ids=lambda p: p.name)
+def test_panorama_with_a_caching_policy_is_refused_before_a_view_uses_anothers_features(policy):
+    """Each view's step() gets the same schedule entry: to frkern the second view's call looked like
+    the next step and reused the first view's features (latents off by 27, silently). Refused at that
+    step() call, before its output is used."""
+    pipe = panorama_pipeline(EulerDiscreteScheduler(**SCHED_CFG))
+    frkern.patch(pipe, policy, backend="torch")
+    with pytest.raises(ValueError, match=r"step was called twice for one timestep.*Panorama.*NoReuse"):
+        _panorama(pipe)
+    # the same pipeline without the views' loop (a plain SD pipeline on these components) still works
+    plain = StableDiffusionPipeline(**{k: v for k, v in pipe.components.items()})
+    plain.set_progress_bar_config(disable=True)
+    out = generate(plain, sd_prompt_kwargs())
+    assert torch.isfinite(out).all() and frkern.handle_of(plain).stats.get("reuse", 0) + \
+        frkern.handle_of(plain).stats.get("skip", 0) > 0
+
+
 # --- schedulers: shared, replaced, and their signatures ------------------------------------------
 def test_two_pipelines_sharing_one_scheduler():
     sched = ddim()
