@@ -297,16 +297,7 @@ class Handle:
         """A call whose two CFG halves compute the same thing (StepPlan.cfg_half): one half (the
         installation's cfg_keep) runs, its output stands for both. With CUDA graphs the half runs
         in a graph of its own (its batch keys it)."""
-        n = call.sample.shape[0]
-        pipes = [p for p in (r() for r in self._pipelines) if p is not None]
-        if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
-            raise ValueError(f"frkern: {self.policy.name} drops one CFG half after its gate, but the pipeline runs "
-                             "without classifier-free guidance (guidance_scale <= 1): its batch holds no halves; "
-                             f"patch with {self.policy.name}(cfg=False)")
-        if n % 2:
-            raise ValueError(f"frkern: {self.policy.name} runs one CFG half after its gate, but this call's batch of "
-                             f"{n} does not split in two ([uncond, cond]); patch with cfg=False for a model called "
-                             "without classifier-free guidance or with PAG's [uncond, cond, perturbed]")
+        n = call.sample.shape[0]  # [uncond, cond]: forward checked it (_check_cfg_halves)
         keep = self.installation.plan.cfg_keep
         half = call.samples(n, keep * (n // 2), n // 2)
         if self.graphs is not None:
@@ -314,6 +305,22 @@ class Handle:
         else:
             out = self.family.run(self.executor.network, half)
         return torch.cat([out, out])
+
+    @torch.compiler.disable
+    def _check_cfg_halves(self, n: int) -> None:
+        """A policy that averages and drops CFG halves (TGate(cfg=True)) needs every call's batch to be
+        [uncond, cond]: checked on every call of a generation, so a pipeline without them is refused at
+        its first call, not at the gate many steps later."""
+        pipes = [p for p in (r() for r in self._pipelines) if p is not None]
+        if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
+            raise ValueError(f"frkern: {self.policy.name} averages and drops CFG halves, but the pipeline runs "
+                             "without classifier-free guidance (guidance_scale <= 1, or a callback turned it off): "
+                             f"its batch holds no halves; patch with {self.policy.name}(cfg=False)")
+        if n % 2:
+            raise ValueError(f"frkern: {self.policy.name} averages and drops CFG halves, but this call's batch of {n} "
+                             "does not split in two ([uncond, cond]): a model called without classifier-free "
+                             "guidance, or with three parts (PAG's [uncond, cond, perturbed], InstructPix2Pix's "
+                             f"[text, image, uncond])? Patch with {self.policy.name}(cfg=False)")
 
     @torch.compiler.disable
     def _decode_ahead(self, call):
@@ -336,6 +343,8 @@ class Handle:
         self.runtime.outputs_mutated = self.family.mutates_outputs(self.unet, call)
         plan, call_sig = self._start(call)
         try:
+            if self.installation.plan.cfg_halves and self.runtime.mode != COMPUTE_MODE:
+                self._check_cfg_halves(call.sample.shape[0])
             if self.runtime.mode == PROBE_MODE:
                 plan = self._probe(plan, call_sig, call)
             ahead = None

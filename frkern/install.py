@@ -55,6 +55,7 @@ class Plan:
     attention_modes: Any = None  # step -> AttentionModes (T-GATE's attention units)
     gate_modes: Any = None  # the AttentionModes of T-GATE's gate step
     cfg_keep: int = 0  # the CFG half (0: uncond, 1: cond) a StepPlan.cfg_half call runs
+    cfg_halves: bool = False  # every call's batch must be [uncond, cond] halves (TGate(cfg=True))
     prior_noise: tuple[float, float] | None = None  # (scale, below): scheduler-step injection (EncoderPropagation)
     reuse_limit: int | None = None  # the longest run of reuse calls (adaptive policies)
     begin_checks: list[Callable[[int], None]] = field(default_factory=list)
@@ -248,6 +249,7 @@ def attention_phases(target: Target, plan: Plan, policy: TGate) -> None:
                          f"package covers); {target.family.name}'s motion/temporal attentions are not part of it")
     half = TGATE_FAMILIES[target.family.name] if policy.half == "auto" else policy.half
     plan.cfg_keep = 0 if half == "uncond" else 1
+    plan.cfg_halves = policy.cfg
     bad = []
     for path, kind in target.parts.units.items():
         if kind not in ("transformer", "temporal_transformer"):

@@ -139,11 +139,22 @@ def test_refusals():
                                          "model family UNetMotionModel, policy TGate"):
         frkern.patch(motion_unet(), frkern.TGate())
     pipe = make_sd_pipeline()
-    # a pipeline without classifier-free guidance has no halves to drop: refused at the first halved call
-    frkern.patch(pipe, frkern.TGate(gate_step=2))
-    with pytest.raises(ValueError, match="no \\[uncond, cond\\] halves"):
+    # a pipeline without classifier-free guidance has no halves to drop: refused at its first call
+    handle = frkern.patch(pipe, frkern.TGate(gate_step=2))
+    ran = []
+    pipe.unet.conv_in.register_forward_pre_hook(lambda m, a: ran.append(1))
+    with pytest.raises(ValueError, match="without classifier-free guidance .*TGate\\(cfg=False\\)"):
         pipe(**sd_prompt_kwargs(), **dict(RUN, num_inference_steps=3), guidance_scale=1.0)
+    assert ran == []  # refused before the network ran (the gate would have come at the second step)
     frkern.unpatch(pipe)
+    # a hand-written loop whose batch has no halves: refused at its first call as well
+    unet, x = pipe.unet, torch.randn(3, 4, 16, 16)
+    handle = frkern.patch(unet, frkern.TGate(gate_step=2))
+    handle.begin(3)
+    handle.set_step(0)
+    with pytest.raises(ValueError, match=r"batch of 3 does not split in two.*PAG.*InstructPix2Pix"):
+        unet(x, 900, torch.randn(3, 7, 32))
+    frkern.unpatch(unet)
     for kwargs, match in [(dict(gate_step=0), "gate_step must be an int >= 1"),
                           (dict(fi_interval=0), "fi_interval must be an int >= 1"),
                           (dict(warm_up=-1), "warm_up must be an int >= 0"),
