@@ -19,6 +19,7 @@ import torch
 
 import frkern
 from frkern import forward_chain
+from devices import assert_matches_eager, needs_cuda, no_tf32  # noqa: F401  (no_tf32: a fixture)
 from frkern.graphs import EmulatedCapture
 from tiny import make_sd_pipeline, sd_prompt_kwargs
 
@@ -186,3 +187,29 @@ def test_cuda_graphs_refuse_hooks_that_restore_weights_inside_the_forward():
     pipe.unet.disable_layerwise_casting() if hasattr(pipe.unet, "disable_layerwise_casting") else None
     out = generate(pipe)  # the failed call left nothing half-done: the unpatched pipeline runs
     assert out.shape == want.shape and torch.isfinite(out).all()
+
+
+@needs_cuda
+def test_real_cuda_graphs_under_model_cpu_offload(no_tf32):
+    """On a GPU (the GPU round's tests stage): model CPU offload moves the UNet to the CPU after each
+    generation and back before the next, at new addresses. With real captures, each generation
+    recaptures its graphs (storage_moves) and equals the eager patched pipeline."""
+    base = make_sd_pipeline()
+    prompt = {k: v.cuda() for k, v in sd_prompt_kwargs().items()}
+
+    def run(pipe, seed):
+        return pipe(**prompt, num_inference_steps=STEPS, generator=torch.Generator("cuda").manual_seed(seed),
+                    output_type="latent").images
+
+    eager = copy.deepcopy(base).to("cuda")
+    frkern.patch(eager, frkern.DeepCache(interval=3))
+    want = [run(eager, seed) for seed in (0, 1)]
+    pipe = copy.deepcopy(base)
+    pipe.enable_model_cpu_offload(device="cuda")
+    handle = frkern.patch(pipe, frkern.DeepCache(interval=3), cuda_graphs=True)
+    got = [run(pipe, seed) for seed in (0, 1)]
+    assert next(pipe.unet.parameters()).device.type == "cpu"  # offloaded after the generation
+    for g, w in zip(got, want):
+        assert_matches_eager(g, w)
+    stats = handle.graph_stats
+    assert stats["storage_moves"] >= 1 and stats["replays"] > stats["captures"], stats

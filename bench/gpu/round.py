@@ -62,7 +62,8 @@ KERNEL_MARGIN_S = 20
 # The kernel, CUDA-graph and compile tests (the other files run the same on a CPU).
 TEST_NODES = ["tests/test_triton_backend.py", "tests/test_units.py", "tests/test_graphs.py", "tests/test_compile.py",
               "tests/test_skip_conv.py::test_cuda_graphs_equal_eager_skip_conv",
-              "tests/test_adaptive.py::test_cuda_graphs_equal_eager_with_probe_and_resume_graphs"]
+              "tests/test_adaptive.py::test_cuda_graphs_equal_eager_with_probe_and_resume_graphs",
+              "tests/test_offload.py::test_real_cuda_graphs_under_model_cpu_offload"]
 
 
 @dataclasses.dataclass
