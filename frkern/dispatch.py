@@ -311,8 +311,11 @@ class Handle:
         """A policy that averages and drops CFG halves (TGate(cfg=True)) needs every call's batch to be
         [uncond, cond]: checked on every call of a generation, so a pipeline without them is refused at
         its first call, not at the gate many steps later."""
-        pipes = [p for p in (r() for r in self._pipelines) if p is not None]
-        if any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
+        # only the pipeline running this generation (another one sharing the model keeps the flag of
+        # its own last call)
+        driver = self.runtime.driver
+        pipes = [p for p in (r() for r in self._pipelines) if p is not None and self._trackers.get(id(p)) is driver]
+        if driver is not None and any(getattr(p, "do_classifier_free_guidance", True) is False for p in pipes):
             raise ValueError(f"frkern: {self.policy.name} averages and drops CFG halves, but the pipeline runs "
                              "without classifier-free guidance (guidance_scale <= 1, or a callback turned it off): "
                              f"its batch holds no halves; patch with {self.policy.name}(cfg=False)")
@@ -337,8 +340,16 @@ class Handle:
         n = decode_ahead.steps_ahead(self, self.installation.plan.decode_ahead)
         return decode_ahead.run_batched(self, call, n, scheduler) if n > 1 else None
 
+    def passes_through(self, model) -> bool:
+        """Does this handle's forward run `model`'s own forward unchanged? (Once unpatched: see forward.)"""
+        return not self.active and self.unet is model
+
     @torch.compiler.disable(recursive=False)
     def forward(self, *args, **kwargs):
+        if not self.active:
+            # Unpatched, but still called: a wrapper added after patching (the DeepCache package's
+            # helper) kept this forward and put it back. It is the model's own forward again.
+            return (self._replaced or forward_chain.own_forward(self.unet))(*args, **kwargs)
         call, return_dict = self.family.bind_call(args, kwargs)
         self.runtime.outputs_mutated = self.family.mutates_outputs(self.unet, call)
         plan, call_sig = self._start(call)

@@ -76,6 +76,7 @@ class Runtime:
         # A generation is open from begin() until its scheduler has run its last step (tracked
         # pipelines) or forever (hand-written loops). Calls outside it never touch the cache.
         self.open = False
+        self.driver = None  # the scheduler tracker whose set_timesteps began the generation
         self.scheduler_driven = False  # set by the tracker: calls outside a generation run in full
         self._calls_in_generation = 0
         self._key_sigs: dict[int, CallSignature] = {}
@@ -158,7 +159,7 @@ class Runtime:
         return self.watch.params
 
     # --- step tracking -------------------------------------------------------------------------
-    def begin(self, num_steps: int, start: int = 0) -> None:
+    def begin(self, num_steps: int, start: int = 0, driver=None) -> None:
         """Start a new generation of `num_steps` steps (every cache dropped) at step `start`: a
         pipeline that runs only the last steps of its schedule (img2img, strength < 1) starts
         there, and policies plan by position in the whole schedule."""
@@ -174,6 +175,7 @@ class Runtime:
         self._reuse_run.clear()
         self.num_steps = num_steps
         self.open = True
+        self.driver = driver  # the scheduler tracker whose set_timesteps began it (None: handle.begin)
         self._calls_in_generation = 0
         self.step = 0
         self.slot = 0
@@ -193,7 +195,7 @@ class Runtime:
         """Drop every cached feature of the open generation (the next call is a keyframe); the
         generation, where it started and its first sample stay."""
         start, prior_latents = self.start, self.prior_latents
-        self.begin(self.num_steps, self.step)
+        self.begin(self.num_steps, self.step, self.driver)
         self.start, self.prior_latents = start, prior_latents
 
     def locate(self, start: int) -> None:

@@ -71,14 +71,6 @@ def _position(timestep, timesteps) -> int | None:
     return int(hits[0, 0]) if len(hits) else None
 
 
-def _entry(timestep):
-    """Which element of which tensor a timestep is (its storage and address; no device read), or
-    None for a Python number."""
-    if isinstance(timestep, torch.Tensor) and timestep.numel() == 1:
-        return timestep.untyped_storage().data_ptr(), timestep.data_ptr()
-    return None
-
-
 class SchedulerTracker:
     def __init__(self, scheduler):
         self.scheduler = scheduler
@@ -87,7 +79,7 @@ class SchedulerTracker:
         self._steps = 0  # step() calls in this generation
         self._first_entry = 0  # where in scheduler.timesteps the generation starts
         self._located = False
-        self._last_entry = None  # the schedule entry the last step() got (see _stepped_twice)
+        self._last_entry = None  # weakref to the timestep the last step() got (see _stepped_twice)
         for name in _METHODS:
             if hasattr(scheduler, name):
                 setattr(scheduler, name, _Tracked(self, name, getattr(scheduler, name)))
@@ -144,7 +136,7 @@ class SchedulerTracker:
         n = getattr(self.scheduler, "num_inference_steps", None)
         if n is None:
             return  # set_timesteps not called yet: the next one begins the generation
-        runtime.begin(int(n), self._start_step())
+        runtime.begin(int(n), self._start_step(), driver=self)
         self._steps = 0
         self._located = getattr(self.scheduler, "begin_index", None) is not None
 
@@ -165,7 +157,7 @@ class SchedulerTracker:
         self._located = False
         start = self._start_step()
         for rt in self.live():
-            rt.begin(int(n), start)
+            rt.begin(int(n), start, driver=self)
         return out
 
     def _set_begin_index(self, method, args, kwargs):
@@ -178,9 +170,10 @@ class SchedulerTracker:
         return out
 
     def _stepped_twice(self) -> None:
-        """step() got the very schedule entry of its previous call (the same element of
-        scheduler.timesteps, not an equal value: PLMS and Heun repeat values at other entries): a
-        pipeline that denoises several views or tiles per timestep and steps each
+        """step() got the very timestep object of its previous call, still alive (not an equal value:
+        PLMS and Heun repeat values at other entries of their schedule; not a temporary at a reused
+        address: a loop's `t.to(device)` of each step is a new object): a pipeline that denoises
+        several views or tiles per timestep and steps each
         (StableDiffusionPanoramaPipeline, MultiDiffusion). Each view's UNet call then looks like the
         next step, so a caching policy would hand one view the features of another: refused before
         this step uses the call's output. Policies that cache nothing are unaffected."""
@@ -211,10 +204,9 @@ class SchedulerTracker:
 
     def _step(self, method, args, kwargs):
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        entry = _entry(timestep)
-        if entry is not None and entry == self._last_entry:
+        if self._last_entry is not None and self._last_entry() is timestep:
             self._stepped_twice()
-        self._last_entry = entry
+        self._last_entry = weakref.ref(timestep) if isinstance(timestep, torch.Tensor) else None
         if self._steps == 0 and not self._located:
             # No begin index: find where the pipeline started from the timestep it passes.
             self._located = True

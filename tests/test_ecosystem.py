@@ -221,9 +221,10 @@ def test_deepcopy_of_a_patched_pipeline_drives_its_own_copy(policy):
     assert torch.equal(generate(pipe, prompt), want)
 
 
-def test_pickling_a_patched_model_fails_clearly():
+@pytest.mark.parametrize("policy", [frkern.FRDiff(), frkern.TGate(), frkern.DeepCache()], ids=lambda p: p.name)
+def test_pickling_a_patched_model_fails_clearly(policy):
     unet = sd_unet()
-    frkern.patch(unet, frkern.FRDiff())
+    frkern.patch(unet, policy)
     with pytest.raises(TypeError, match="frkern: a patched model cannot be pickled.*unpatch"):
         torch.save(unet, io.BytesIO())
     frkern.unpatch(unet)

@@ -142,6 +142,31 @@ def test_an_unknown_forward_wrapper_is_refused_and_the_model_left_as_it_was():
     helper.disable()
 
 
+def test_a_wrapper_added_after_patching_and_removed_after_unpatch_leaves_a_plain_model():
+    """patch, a user's own wrapper of unet.forward on top (logging the calls), unpatch: frkern does not
+    guess what an unknown wrapper calls, so the wrapper stays and calls the unpatched handle's forward,
+    which runs the model's own forward; the wrapper later put back what it saw (that forward): the
+    same. Both give the plain latents."""
+    pipe = make_sd_pipeline()
+    want = generate(copy.deepcopy(pipe))
+    frkern.patch(pipe, frkern.DeepCache(interval=3))
+    seen, inner = [], pipe.unet.forward
+
+    def logging_forward(*args, **kwargs):
+        seen.append(1)
+        return inner(*args, **kwargs)
+
+    pipe.unet.forward = logging_forward
+    frkern.unpatch(pipe)
+    assert pipe.unet.__dict__["forward"] is logging_forward and frkern.handle_of(pipe) is None
+    assert torch.equal(generate(pipe), want) and len(seen) == STEPS
+    pipe.unet.forward = inner  # the wrapper removed
+    assert torch.equal(generate(pipe), want)
+    frkern.patch(pipe, frkern.DeepCache(interval=3))  # it can be patched again
+    handle_got = generate(pipe)
+    assert torch.isfinite(handle_got).all() and frkern.handle_of(pipe).stats["reuse"] > 0
+
+
 def test_cuda_graphs_recapture_when_the_offloaded_weights_come_back_elsewhere():
     """Model CPU offload moves the UNet off the GPU after each generation and back before the next:
     its parameters, watched by identity and version only under the hook, come back at new addresses,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import frkern
-from tiny import make_sd_pipeline, make_sdxl_pipeline, sd_prompt_kwargs, sdxl_prompt_kwargs
+from tiny import ddim, make_sd_pipeline, make_sdxl_pipeline, sd_prompt_kwargs, sdxl_prompt_kwargs
 
 tgate = pytest.importorskip("tgate")
 
@@ -130,6 +130,32 @@ def test_guidance_rescale_is_exact_up_to_its_rounding():
     want = _oracle(pipe, tgate.TgateSDLoader, prompt, params, guidance_rescale=0.7)
     got, _ = _frkern(pipe, prompt, params, guidance_rescale=0.7)
     assert ((got - want).norm() / want.norm()).item() <= 1e-6
+
+
+def test_no_cfg_refusal_reads_only_the_pipeline_running_the_generation():
+    """Two pipelines share the patched UNet: one without CFG is refused; the other, with CFG, must not
+    be refused for the first one's flag (do_classifier_free_guidance keeps its last call's value)."""
+    from diffusers import StableDiffusionPipeline
+
+    with_cfg = make_sd_pipeline()
+    without = StableDiffusionPipeline(**dict(with_cfg.components, scheduler=ddim()))
+    without.set_progress_bar_config(disable=True)
+    policy = frkern.TGate(gate_step=2, sp_interval=2, warm_up=1)
+    ref = copy.deepcopy(with_cfg)
+    frkern.patch(ref, policy, backend="torch")
+    want = ref(**sd_prompt_kwargs(), **RUN, generator=torch.Generator().manual_seed(0)).images
+    handle = frkern.patch(with_cfg, policy, backend="torch")
+    assert frkern.patch(without, policy, backend="torch") is handle
+    with pytest.raises(ValueError, match="without classifier-free guidance"):
+        without(**sd_prompt_kwargs(), **RUN, guidance_scale=1.0)
+    got = with_cfg(**sd_prompt_kwargs(), **RUN, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(got, want) and handle.stats == {"full": 1, "reuse": RUN["num_inference_steps"] - 1}
+    # a hand-written loop on the same handle is judged by its batch alone
+    handle.begin(2)
+    handle.set_step(0)
+    x = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        with_cfg.unet(x, 900, torch.randn(2, 7, 32))
 
 
 def test_refusals():
