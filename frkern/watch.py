@@ -80,8 +80,9 @@ def _restores_storage(module: nn.Module) -> bool:
     if isinstance(hooks, dict) and any(name in hooks for name in _STORAGE_HOOKS):
         return True
     hf_hook = d.get("_hf_hook")  # accelerate: AlignDevicesHook(offload=True), CpuOffload, ...
-    return hf_hook is not None and (getattr(hf_hook, "offload", False) or type(hf_hook).__name__ == "CpuOffload"
-                                    or any(getattr(h, "offload", False) for h in getattr(hf_hook, "hooks", ())))
+    # (a SequentialHook, from add_hook_to_module(..., append=True), holds several)
+    hooks = [hf_hook, *getattr(hf_hook, "hooks", ())] if hf_hook is not None else []
+    return any(getattr(h, "offload", False) is True or type(h).__name__ == "CpuOffload" for h in hooks)
 
 
 def _adapter_state(layer) -> tuple:

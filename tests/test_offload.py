@@ -238,3 +238,23 @@ def test_real_cuda_graphs_under_model_cpu_offload(no_tf32):
         assert_matches_eager(g, w)
     stats = handle.graph_stats
     assert stats["storage_moves"] >= 1 and stats["replays"] > stats["captures"], stats
+
+
+def test_an_offload_hook_appended_to_another_hook_is_recognised():
+    """accelerate's add_hook_to_module(..., append=True) wraps both hooks in a SequentialHook: its
+    CpuOffload still marks the weights as re-stored by a hook (watched by identity and version), so
+    the storage moves of offloading do not count as a weights change."""
+    from accelerate.hooks import CpuOffload, ModelHook, add_hook_to_module
+
+    pipe = make_sd_pipeline()
+    handle = frkern.patch(pipe, frkern.DeepCache(interval=3))
+    add_hook_to_module(pipe.unet, ModelHook())
+    add_hook_to_module(pipe.unet, CpuOffload(execution_device="cpu"), append=True)
+    assert type(pipe.unet._hf_hook).__name__ == "SequentialHook"
+    token = handle.runtime.weights_token()
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.data = p.data.clone()
+    assert handle.runtime.weights_token() == token
+    generate(pipe)
+    assert handle.stats.get("promoted", 0) == 0 and handle.stats["reuse"] > 0
