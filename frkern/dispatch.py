@@ -62,6 +62,8 @@ class Handle:
         # by (frkern.distributed's CFG split wraps it and puts its own here).
         self._chain_forward = self.forward
         self._warned_untracked = False
+        self._hooks_checked = None  # the cache generation whose reuse calls were checked for hooks
+        self._warned_hooks = ()  # the hooked skipped modules last warned about
         self.active = False
         # Where the callers of one generation are split over processes (frkern.distributed's CFG
         # parallel): maps the adaptive indicator (a 0-dim device tensor) to the value every rank
@@ -86,7 +88,8 @@ class Handle:
             runtime=copy.deepcopy(self.runtime, memo), _pipelines=[], _trackers={},
             _replaced=copy.deepcopy(self._replaced, memo), executor=copy.deepcopy(self.executor, memo),
             _chain_forward=copy.deepcopy(self._chain_forward, memo),
-            _warned_untracked=False, active=self.active, indicator_reduction=None)
+            _warned_untracked=False, _hooks_checked=None, _warned_hooks=(), active=self.active,
+            indicator_reduction=None)
         for ref in self._pipelines:
             pipe = ref()
             if pipe is not None and id(pipe) in memo:  # the pipeline is being copied with it
@@ -238,6 +241,17 @@ class Handle:
             self.family.call_options(call),
         )
         plan = rt.start_call(call_sig)
+        if rt.mode in (REUSE_MODE, PROBE_MODE) and self._hooks_checked != rt.cache.generation:
+            self._hooks_checked = rt.cache.generation  # once per generation: a walk of the cached segments
+            hooked = self.installation.hooked_skipped_modules()
+            if hooked and tuple(hooked) != self._warned_hooks:
+                self._warned_hooks = tuple(hooked)
+                warnings.warn(
+                    f"frkern: {self.policy.name} reuses the cached outputs of modules with forward hooks "
+                    f"({', '.join(hooked[:4])}{', ...' if len(hooked) > 4 else ''}): a reuse call does not run "
+                    "them, so hooks inside them run on full calls only and hooks on them see the cached output "
+                    "(zeros where only cached modules read it). StableDiffusionSAGPipeline, which reads the mid "
+                    "block's attention through such a hook, is not supported with reuse policies", stacklevel=4)
         if rt.mode == COMPUTE_MODE and not self._warned_untracked:
             self._warned_untracked = True
             warnings.warn(

@@ -633,3 +633,59 @@ def test_group_offloading_keeps_results_and_reuse(policy):
             h.begin(STEPS)
         results.append(ddim_loop(call, ddim(), latents, STEPS)[0])
     assert torch.equal(results[0], results[1]) and handle.stats == ref_handle.stats
+
+
+# --- forward hooks on modules a reuse call skips --------------------------------------------------
+@pytest.mark.parametrize("policy, skipped, running", [
+    (frkern.DeepCache(interval=3, branch=0), "mid_block.attentions.0", "conv_in"),
+    (frkern.Clockwork(clock=2), "mid_block.resnets.0", "up_blocks.2"),
+    (frkern.Adaptive(1e9, reuse="clockwork", max_reuse=1), "mid_block.resnets.1", "conv_out"),
+], ids=["deepcache", "clockwork", "adaptive"])
+def test_forward_hooks_on_skipped_modules_are_named_in_a_warning(policy, skipped, running):
+    """A hook on a module inside a cached segment runs on full calls only (the module does not run on
+    reuse calls): said once over two generations, naming the module. A hook on a module that always
+    runs: not named, and it runs on every call."""
+    import warnings
+
+    pipe = make_sd_pipeline()
+    handle = frkern.patch(pipe, policy, backend="torch")
+    calls = {"skipped": 0, "running": 0}
+    pipe.unet.get_submodule(skipped).register_forward_hook(lambda m, a, o: calls.__setitem__("skipped", calls["skipped"] + 1))
+    pipe.unet.get_submodule(running).register_forward_hook(lambda m, a, o: calls.__setitem__("running", calls["running"] + 1))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            pipe(**sd_prompt_kwargs(), num_inference_steps=6, output_type="latent")
+    said = [str(w.message) for w in seen if "forward hooks" in str(w.message)]
+    assert len(said) == 1 and skipped in said[0] and running not in said[0], said
+    stats = handle.stats
+    assert calls["running"] == 12 and calls["skipped"] == 2 * stats["full"] < 12, (calls, stats)
+
+
+def test_no_warning_without_hooks_in_skipped_modules():
+    import warnings
+
+    pipe = make_sd_pipeline()
+    frkern.patch(pipe, frkern.DeepCache(interval=3), backend="torch")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe(**sd_prompt_kwargs(), num_inference_steps=6, output_type="latent")
+    assert not [w for w in seen if "forward hooks" in str(w.message)]
+
+
+def test_a_hook_on_a_cached_segment_itself_is_named_too():
+    """Registered after patching on the block that a cut caches (the wrapper standing in the tree):
+    it runs on every call but sees zero stand-ins on reuse calls (the mid block's output only feeds
+    cached blocks under DeepCache branch 0): named in the warning."""
+    import warnings
+
+    pipe = make_sd_pipeline()
+    frkern.patch(pipe, frkern.DeepCache(interval=3, branch=0), backend="torch")
+    outputs = []
+    pipe.unet.mid_block.register_forward_hook(lambda m, a, o: outputs.append(float(o.abs().max())))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        pipe(**sd_prompt_kwargs(), num_inference_steps=6, output_type="latent")
+    said = [str(w.message) for w in seen if "forward hooks" in str(w.message)]
+    assert len(said) == 1 and "(mid_block)" in said[0], said
+    assert len(outputs) == 6 and outputs.count(0.0) == 4  # the reuse calls' stand-ins
