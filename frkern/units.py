@@ -140,8 +140,9 @@ class ReusedResnetBlock2D(_Wrapper):
             runtime.declare(unit, encoded=True)  # norm2's prologue decodes a cached conv1 output
 
     def _norm_act(self, x, norm, add_channel=None):
-        if self.silu:
+        if self.silu and _plain_norm(norm):
             return ops.group_norm_act(x, norm, silu=True, add_channel=add_channel, backend=self.backend)
+        # a norm with hooks (offloading, casting, a user's) is called, so that they run
         if add_channel is not None:
             x = x + add_channel[:, :, None, None]
         return self.original.nonlinearity(norm(x))
@@ -150,7 +151,7 @@ class ReusedResnetBlock2D(_Wrapper):
         """SiLU(norm2(conv1's output + the time-embedding projection)); a cached conv1 output in an
         int8 / fp8 cache is decoded in the fused kernel's prologue."""
         h = conv1_out
-        if isinstance(h, Encoded) and h.scale is not None:
+        if isinstance(h, Encoded) and h.scale is not None and self.silu and _plain_norm(self.original.norm2):
             return ops.group_norm_act(h.data, self.original.norm2, silu=True, add_channel=chan, backend=self.backend,
                                       x_scale=h.scale, x_group_size=h.group_size, x_dtype=h.dtype)
         return self._norm_act(decoded(h, self.backend), self.original.norm2, add_channel=chan)
@@ -181,8 +182,12 @@ class ReusedResnetBlock2D(_Wrapper):
             def compute():
                 h = conv1_branch()
                 if quantize is not None and self.runtime.stores:
-                    y, (q, scale) = ops.group_norm_act(h, o.norm2, silu=True, add_channel=chan, backend=self.backend,
-                                                       quantize=quantize)
+                    if _plain_norm(o.norm2):
+                        y, (q, scale) = ops.group_norm_act(h, o.norm2, silu=True, add_channel=chan,
+                                                           backend=self.backend, quantize=quantize)
+                    else:  # norm2 is called (its hooks run); the encoding is the same op's, unfused
+                        y = self._norm_act(h, o.norm2, add_channel=chan)
+                        q, scale = ops.quantize_cache(h, *quantize, backend=self.backend)
                     return y, Encoded(q, scale, h.dtype, quantize[2])
                 return self._norm2(h, chan), h
 
@@ -433,12 +438,25 @@ def _base_conv(module: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else module
 
 
-def _plain_conv(module: nn.Module) -> bool:
-    """A bare nn.Conv2d / nn.Conv3d whose weights are what it computes with (no adapter, no hooks that cast or
-    move them): the Triton step may read its weight and bias directly."""
-    return (type(module) in (nn.Conv2d, nn.Conv3d) and "forward" not in module.__dict__ and not module._forward_hooks
+def _plain(module: nn.Module, types: tuple) -> bool:
+    """A bare module of one of `types` whose weights are what it computes with and whose call does
+    nothing else: no forward replaced (accelerate's and diffusers' offloading and casting hooks),
+    no forward hooks or pre-hooks (a user's, or torch's global ones). Only then may a fused op read
+    its weight and bias directly instead of calling it."""
+    return (type(module) in types and "forward" not in module.__dict__ and not module._forward_hooks
             and not module._forward_pre_hooks and not nn.modules.module._global_forward_hooks
             and not nn.modules.module._global_forward_pre_hooks)
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """A bare nn.Conv2d / nn.Conv3d (no adapter, no hooks that cast or move its weights): the Triton
+    step may read its weight and bias directly."""
+    return _plain(module, (nn.Conv2d, nn.Conv3d))
+
+
+def _plain_norm(module: nn.Module) -> bool:
+    """A bare nn.GroupNorm: the fused GroupNorm+SiLU may read its weight and bias directly."""
+    return _plain(module, (nn.GroupNorm,))
 
 
 class ConvGate:

@@ -689,3 +689,53 @@ def test_a_hook_on_a_cached_segment_itself_is_named_too():
     said = [str(w.message) for w in seen if "forward hooks" in str(w.message)]
     assert len(said) == 1 and "(mid_block)" in said[0], said
     assert len(outputs) == 6 and outputs.count(0.0) == 4  # the reuse calls' stand-ins
+
+
+# --- hooks on the modules a fused op would read: the op calls them instead ------------------------
+def _scaling_pre_hook(unet, calls):
+    def pre(module, args):
+        calls.append(1)
+        return (args[0] * 1.5,)
+
+    return unet.down_blocks[0].resnets[0].norm1.register_forward_pre_hook(pre)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+@pytest.mark.parametrize("policy", [frkern.NoReuse(), frkern.FRDiff(interval=1, score_mix=False),
+                                    frkern.DeepCache(interval=1)], ids=lambda p: p.name)
+def test_a_hook_on_a_resnet_norm_runs_as_without_frkern(policy, when):
+    """The fused GroupNorm+SiLU of a ResNet unit read norm1's weights directly, so a hook on norm1
+    never ran (a user's, or an offloading / casting hook that moves or re-stores the weights):
+    NoReuse was off by 3e-5 and the hook ran 0 times of 4. A norm with hooks is now called. Every
+    call full here: bit for bit with the unpatched pipeline and its hook."""
+    base = make_sd_pipeline()
+    ref, ref_calls = copy.deepcopy(base), []
+    _scaling_pre_hook(ref.unet, ref_calls)
+    want = ref(**sd_prompt_kwargs(), num_inference_steps=4, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    pipe, calls = copy.deepcopy(base), []
+    if when == "before":
+        _scaling_pre_hook(pipe.unet, calls)
+    frkern.patch(pipe, policy, backend="torch")
+    if when == "after":
+        _scaling_pre_hook(pipe.unet, calls)
+    got = pipe(**sd_prompt_kwargs(), num_inference_steps=4, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(got, want) and len(calls) == len(ref_calls) == 4
+
+
+def test_a_hooked_norm2_with_a_compressed_cache():
+    """FRDiff with cache="int8": the keyframe's norm2 encodes conv1's output in the fused kernel; with
+    a hook on norm2 the norm is called and the encoding is made apart, the same values."""
+    base = make_sd_pipeline()
+    results = {}
+    for hooked in (False, True):
+        pipe, calls = copy.deepcopy(base), []
+        handle = frkern.patch(pipe, frkern.FRDiff(interval=2, score_mix=False), backend="torch", cache="int8")
+        if hooked:  # a hook that changes nothing: the two runs must agree bit for bit
+            pipe.unet.down_blocks[0].resnets[0].norm2.register_forward_hook(lambda m, a, o: calls.append(1))
+        results[hooked] = pipe(**sd_prompt_kwargs(), num_inference_steps=4, output_type="latent",
+                               generator=torch.Generator().manual_seed(0)).images
+        if hooked:
+            assert len(calls) == 4 and handle.stats == {"full": 2, "reuse": 2}  # norm2 runs on reuse calls too
+    assert torch.equal(results[True], results[False])
