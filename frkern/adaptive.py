@@ -64,16 +64,18 @@ def indicator_value(rule: str, poly, g: torch.Tensor, state) -> torch.Tensor:
 class ProbedModule(_Wrapper):
     """A module before the gate: records its output on a probe, returns it on the resumed call."""
 
+    shares_hooks = False  # called on the probe and again on the resumed pass: hooks run when it computes
+
     def forward(self, *args, **kwargs):
         rt = self.runtime
         if rt.mode == PROBE_MODE:
-            out = self.original(*args, **kwargs)
+            out = self.run_original(*args, **kwargs)
             rt.writes[PROBED + self.unit] = (out, None)
             return out
         entry = rt.reads.get(PROBED + self.unit)
         if entry is not None:
             return entry[0]
-        return self.original(*args, **kwargs)
+        return self.run_original(*args, **kwargs)
 
 
 class AdaptiveGate(_Wrapper):
@@ -85,6 +87,8 @@ class AdaptiveGate(_Wrapper):
     sit inside a cached segment, as for the DeepCache cut): after a probe the mechanism, not the
     gate's forward, commits it (commit_state); the forward records it only on full calls that had
     no probe (warm-up, a forced or promoted call)."""
+
+    shares_hooks = False  # reached by the probe (which stops here) and again by the resumed pass
 
     def __init__(self, original, runtime, unit, cache_unit, backend, rule: str, poly: tuple):
         super().__init__(original, runtime, unit, cache_unit, backend)
@@ -110,7 +114,7 @@ class AdaptiveGate(_Wrapper):
             else:
                 rt.unit(INDICATOR_UNIT, sig, lambda: (None, (g.clone(), g.new_zeros((), dtype=torch.float32))),
                         update=lambda state: (None, state))
-        return self.original(*args, **kwargs)
+        return self.run_original(*args, **kwargs)
 
 
 class Decider:

@@ -48,13 +48,13 @@ class TGateAttention(_Wrapper):
         cross = encoder_hidden_states is not None
         modes = rt.attention_now
         if modes is None:  # a call outside a tracked generation: plain attention, nothing stored
-            return self.original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            return self.run_original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
         store, reuse, average = modes.cross if cross else modes.self_
 
         def step(state):
             if reuse and state is not None:
                 return state, state
-            out = self.original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
+            out = self.run_original(hidden_states, encoder_hidden_states, attention_mask, **kwargs)
             if not store:
                 return out, state
             if average:

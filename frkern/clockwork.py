@@ -45,7 +45,7 @@ class AdaptedSegment(CachedSegment):
             return self.adaptor(r_in, r_out, kwargs["temb"], kwargs["encoder_hidden_states"])
 
         def compute():
-            out = self.original(*args, **kwargs)
+            out = self.run_original(*args, **kwargs)
             return out, out  # (output, state): the cached state is r_out itself
 
         return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=adapted)

@@ -37,6 +37,11 @@ def _primary_input(args, kwargs) -> torch.Tensor:
     return x
 
 
+_SHARED_DICTS = ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set",
+                 "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                 "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+
+
 class _Wrapper(nn.Module):
     # Does it cache features when a policy reuses units (FRDiff)? (Else it only runs fused kernels.)
     reusable: bool = True
@@ -44,6 +49,10 @@ class _Wrapper(nn.Module):
     swap_when_not_cached: bool = True
     # Children the wrapper's forward calls through `gates[name]` when one is installed (SkipConv).
     gated_children: tuple = ()
+    # Does it take the original's hook dicts (its hooks run around every call of the wrapper)? Not
+    # for wrappers called twice in one UNet call (an adaptive probe and its resumed pass): there the
+    # original's hooks stay its own and run when it computes.
+    shares_hooks: bool = True
 
     def __init__(self, original: nn.Module, runtime: Runtime, unit: str, cache_unit: bool, backend: str):
         super().__init__()
@@ -53,12 +62,27 @@ class _Wrapper(nn.Module):
         # The wrapper's own attributes (set into its __dict__ so they are not forwarded).
         self.__dict__.update(unit=unit, cache_unit=cache_unit, backend=backend)
         self.__dict__["gates"] = {}  # gated child path -> ConvGate (SkipConv): the child is called through it
-        # The original's own dicts, not copies: one module tree, whoever changes it.
-        for name in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
-            object.__setattr__(self, name, getattr(original, name))
+        # The original's own dicts, not copies: one module tree, whoever changes it. Its hook dicts
+        # too: hooks registered on the module before patching run when the wrapper is called (on
+        # every call, around what it returns, computed or cached), and hooks registered on the
+        # wrapper stay on the module after unpatch. The original is then run through run_original
+        # (its forward, not its __call__), so that they do not run twice.
+        for name in _SHARED_DICTS if self.shares_hooks else _SHARED_DICTS[:4]:
+            if name in original.__dict__:
+                object.__setattr__(self, name, original.__dict__[name])
+        if self.shares_hooks:
+            object.__setattr__(self, "_is_full_backward_hook", original.__dict__.get("_is_full_backward_hook"))
         self.train(original.training)
         if cache_unit:
             runtime.declare(unit)  # read through the unit protocol
+
+    def run_original(self, *args, **kwargs):
+        """The original module's computation: its forward (an instance one, such as an accelerate hook's,
+        included), without its __call__'s hooks, which ran around this wrapper's call (or, for a
+        wrapper that does not share them, through its __call__, hooks and all)."""
+        if self.shares_hooks:
+            return self.original.forward(*args, **kwargs)
+        return self.original(*args, **kwargs)
 
     def __getattr__(self, name):
         try:
@@ -268,7 +292,7 @@ class _ResidualBranch(_Wrapper):
 
     def _output(self, hidden_states, args, kwargs):
         """The module's output tensor (the original's forward)."""
-        return self.original(hidden_states, *args, **kwargs)
+        return self.run_original(hidden_states, *args, **kwargs)
 
     def _reused(self, hidden_states, args, kwargs):
         """The output tensor through the unit protocol."""
@@ -306,7 +330,7 @@ class ReusedTransformer2D(_ResidualBranch):
         return projected
 
     def _output(self, hidden_states, args, kwargs):
-        return self.original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
+        return self.run_original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
 
     def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
         if self.cache_unit:
@@ -338,7 +362,7 @@ class ReusedMotionModule(_ResidualBranch):
 
     def forward(self, hidden_states, *args, **kwargs):
         if not self.cache_unit:
-            return self.original(hidden_states, *args, **kwargs)
+            return self.run_original(hidden_states, *args, **kwargs)
         return self._reused(hidden_states, args, kwargs)
 
 
@@ -350,7 +374,7 @@ class FusedGEGLU(_Wrapper):
 
     def forward(self, hidden_states, *args, **kwargs):
         if args or kwargs.get("scale") is not None:  # deprecated arguments: diffusers' own path
-            return self.original(hidden_states, *args, **kwargs)
+            return self.run_original(hidden_states, *args, **kwargs)
         return ops.geglu(self.original.proj(hidden_states), backend=self.backend)
 
 
@@ -372,10 +396,10 @@ class CachedSegment(_Wrapper):
 
     def forward(self, *args, **kwargs):
         if not self.runtime.outputs_mutated:
-            return self.cached(signature(_primary_input(args, kwargs)), lambda: self.original(*args, **kwargs))
+            return self.cached(signature(_primary_input(args, kwargs)), lambda: self.run_original(*args, **kwargs))
 
         def compute():
-            out = self.original(*args, **kwargs)
+            out = self.run_original(*args, **kwargs)
             return out, _clone_tensors(out)
 
         return self.cached(signature(_primary_input(args, kwargs)), compute, reuse=_clone_tensors)
@@ -424,7 +448,7 @@ class InnerSegment(CachedSegment):
 
     def forward(self, *args, **kwargs):
         def compute():
-            out = self.original(*args, **kwargs)
+            out = self.run_original(*args, **kwargs)
             return out, OutputShapes(out)
 
         return self.cached(signature(_primary_input(args, kwargs)), compute,

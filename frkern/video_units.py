@@ -30,7 +30,7 @@ class _ReturnsTuple(_ResidualBranch):
     """A transformer whose forward takes return_dict (diffusers' TransformerTemporalModelOutput)."""
 
     def _output(self, hidden_states, args, kwargs):
-        return self.original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
+        return self.run_original(hidden_states, *args, **dict(kwargs, return_dict=False))[0]
 
     def forward(self, hidden_states, *args, return_dict: bool = True, **kwargs):
         if self.cache_unit:
@@ -91,7 +91,7 @@ class ReusedTemporalConv(_ResidualBranch):
             return self._reused(hidden_states, args, kwargs)
         if self.gates:
             return self._gated(hidden_states, self._frames(args, kwargs))
-        return self.original(hidden_states, *args, **kwargs)
+        return self.run_original(hidden_states, *args, **kwargs)
 
     def _gated(self, hidden_states, frames):
         # diffusers' TemporalConvLayer.forward, each Sequential's convolution called through its gate

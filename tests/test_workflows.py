@@ -739,3 +739,53 @@ def test_a_hooked_norm2_with_a_compressed_cache():
         if hooked:
             assert len(calls) == 4 and handle.stats == {"full": 2, "reuse": 2}  # norm2 runs on reuse calls too
     assert torch.equal(results[True], results[False])
+
+
+HOOKED = {"resnet": "down_blocks.0.resnets.0", "transformer": "down_blocks.0.attentions.0",
+          "geglu": "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0",
+          "attention": "down_blocks.0.attentions.0.transformer_blocks.0.attn1", "block": "down_blocks.1"}
+
+
+def _count_and_scale(unet, calls):
+    """A counting pre-hook on each HOOKED module; the ResNet's also scales its input (so a hook that
+    does not run changes the result)."""
+    for key, path in HOOKED.items():
+        def pre(module, args, key=key):
+            calls[key] = calls.get(key, 0) + 1
+            return (args[0] * 1.25, *args[1:]) if key == "resnet" else None
+
+        unet.get_submodule(path).register_forward_pre_hook(pre)
+
+
+@pytest.mark.parametrize("policy", [frkern.NoReuse(), frkern.FRDiff(interval=1, score_mix=False),
+                                    frkern.DeepCache(interval=1), frkern.TGate(gate_step=10, sp_interval=1, warm_up=10),
+                                    frkern.SkipConv(0.0)], ids=lambda p: p.name)
+def test_hooks_registered_before_patching_run_on_the_modules_frkern_wraps(policy):
+    """A wrapper stands where a ResNet, a transformer, a GEGLU, an attention or a block stood. Hooks
+    registered on those modules before patching never ran when the wrapper computed the module
+    itself (ResNets, GEGLUs: 0 of 4 calls, under every policy): the wrapper now takes the module's
+    hook dicts. Every call full here: the same hook calls and latents as the unpatched pipeline."""
+    base = make_sd_pipeline()
+    ref, ref_calls = copy.deepcopy(base), {}
+    _count_and_scale(ref.unet, ref_calls)
+    want = ref(**sd_prompt_kwargs(), num_inference_steps=4, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    pipe, calls = copy.deepcopy(base), {}
+    _count_and_scale(pipe.unet, calls)
+    frkern.patch(pipe, policy, backend="torch")
+    got = pipe(**sd_prompt_kwargs(), num_inference_steps=4, output_type="latent",
+               generator=torch.Generator().manual_seed(0)).images
+    assert calls == ref_calls == {key: 4 for key in HOOKED}
+    assert torch.equal(got, want)
+
+
+def test_hooks_registered_while_patched_stay_after_unpatch():
+    unet = unet_3x2()
+    frkern.patch(unet, frkern.FRDiff(interval=2), backend="torch")
+    calls = []
+    unet.down_blocks[0].resnets[0].register_forward_hook(lambda m, a, o: calls.append(1))
+    frkern.unpatch(unet)
+    latents, ehs = inputs()
+    with torch.no_grad():
+        unet(torch.cat([latents] * 2), 10, ehs)
+    assert calls == [1]
