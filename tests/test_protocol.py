@@ -23,7 +23,7 @@ class ReusedAttention(_Wrapper):
     swap_when_not_cached = False  # nothing fused: swapped in only where a policy caches it
 
     def forward(self, hidden_states, *args, **kwargs):
-        return self.cached(signature(hidden_states), lambda: self.original(hidden_states, *args, **kwargs))
+        return self.cached(signature(hidden_states), lambda: self.run_original(hidden_states, *args, **kwargs))
 
 
 class AttentionHooks:
