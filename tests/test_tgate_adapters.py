@@ -294,6 +294,7 @@ def test_fused_projections_after_patching_with_tgate(params):
     handle = frkern.patch(pipe, frkern.TGate(**params), backend="torch")
     pipe.fuse_qkv_projections()
     assert all("Fused" in type(p).__name__ for p in pipe.unet.attn_processors.values())
+    assert "(attn1): TGateAttention(" in repr(pipe.unet)  # passes as an Attention, still says what it is
     got = pipe(**prompt, **RUN, generator=_gen()).images
     assert torch.equal(got, want), _rel(got, want)
     assert handle.stats == {"full": 1, "reuse": STEPS - 1}
