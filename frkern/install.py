@@ -317,19 +317,14 @@ class Installation:
     def hooked_skipped_modules(self) -> list[str]:
         """Modules that a reuse call skips whole (the cached segments of a cut) and that carry forward
         hooks or pre-hooks not frkern's own: hooks inside a segment run on full calls only; hooks on the
-        segment itself (registered on the wrapper that stands in the tree) run on every call but see
-        the cached output, zero stand-ins where only cached modules read it."""
+        segment itself (the wrapper shares its hook dicts) run on every call but see the cached
+        output, zero stand-ins where only cached modules read it."""
         from .units import CachedSegment
 
-        names = []
-        for part in self.attached:
-            if isinstance(part, CachedSegment) and part.cache_unit:
-                for name, m in [(part.unit, part), *part.original.named_modules(prefix=part.unit)]:
-                    hooks = [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-                    if any(not getattr(h, "__module__", "").startswith("frkern") for h in hooks) \
-                            and name not in names:
-                        names.append(name)
-        return names
+        return [name for part in self.attached if isinstance(part, CachedSegment) and part.cache_unit
+                for name, m in part.original.named_modules(prefix=part.unit)
+                if any(not getattr(h, "__module__", "").startswith("frkern")
+                       for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))]
 
     def uninstall(self) -> None:
         for part in reversed(self.attached):
