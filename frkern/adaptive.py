@@ -61,6 +61,21 @@ def indicator_value(rule: str, poly, g: torch.Tensor, state) -> torch.Tensor:
     return acc + polyval(poly, relative_change(g, g_prev)).clamp_min(0.0)
 
 
+def _refuse_runs_in_chunks(rt, module: _Wrapper) -> None:
+    """The probe and its gate see the whole batch once per pass. A module run once per chunk of it
+    (diffusers' split inference, `enable_free_noise_split_inference`) would probe one chunk and
+    hand one chunk's output to every other: refused at its second run."""
+    key = "adaptive.runs:" + module.unit
+    run = rt.runs.get(key, 0)
+    rt.runs[key] = run + 1
+    if run:
+        raise RuntimeError(
+            f"frkern: Adaptive's probe needs {module.unit!r} to run once per UNet call on the whole batch, "
+            f"and it ran {run + 1} times in one call (split inference, e.g. AnimateDiff's "
+            "enable_free_noise_split_inference, runs it once per chunk). Patch with a fixed policy "
+            "(FRDiff, DeepCache, Clockwork: exact with split inference) or without split inference")
+
+
 class ProbedModule(_Wrapper):
     """A module before the gate: records its output on a probe, returns it on the resumed call."""
 
@@ -68,6 +83,7 @@ class ProbedModule(_Wrapper):
 
     def forward(self, *args, **kwargs):
         rt = self.runtime
+        _refuse_runs_in_chunks(rt, self)
         if rt.mode == PROBE_MODE:
             out = self.run_original(*args, **kwargs)
             rt.writes[PROBED + self.unit] = (out, None)
@@ -96,6 +112,7 @@ class AdaptiveGate(_Wrapper):
 
     def forward(self, *args, **kwargs):
         rt = self.runtime
+        _refuse_runs_in_chunks(rt, self)
         g = _primary_input(args, kwargs)
         sig = signature(g)
         if rt.mode == PROBE_MODE:

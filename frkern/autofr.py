@@ -192,6 +192,7 @@ def sample_gated(handle, scheduler_factory, noise, ehs, kwargs, steps, guidance,
     def guided_fn(t, x_in, gate, reuse, eps_key, *prev_values):
         blend = GatedBlend(gate, dict(zip(keys, prev_values)))
         rt.mode = blend
+        rt.runs.clear()  # a call of its own: units count their runs from here
         try:
             eps = handle.run_network(x_in, t, ehs, **kwargs)
         finally:

@@ -1,6 +1,9 @@
 """The feature cache: every tensor frkern keeps between UNet calls lives here.
 
-Entries are keyed by (call slot, unit name). Each entry remembers the generation it was written
+Entries are keyed by (call slot, unit name). A unit run more than once in one call (diffusers'
+split inference runs a block once per chunk of the batch) keys its later runs "unit#2", "unit#3",
+...: each run reads back what the same run stored (`run_key`), and shares its unit's flags
+(`unit_of`). Each entry remembers the generation it was written
 in and a signature of the inputs that produced it (shape, dtype, device); a read with any of those
 different returns None, and the caller recomputes. A stale feature is never returned.
 """
@@ -12,6 +15,19 @@ from typing import Any, Hashable
 import torch
 
 from .trees import iter_tensors
+
+
+_RUN = "#"
+
+
+def run_key(unit: str, run: int) -> str:
+    """The cache key of the run-th run (0-based) of `unit` within one call."""
+    return unit if run == 0 else f"{unit}{_RUN}{run + 1}"
+
+
+def unit_of(key: Hashable) -> Hashable:
+    """The unit a key made by run_key belongs to."""
+    return key.partition(_RUN)[0] if isinstance(key, str) else key
 
 
 def signature(t: torch.Tensor) -> tuple:
@@ -63,14 +79,14 @@ class FeatureCache:
         the units in `skip` (and, given `only`, those not in it); the units in `encoded` get their
         value as stored (their consumers decode it)."""
         return {
-            key[1]: (e.value if key[1] in encoded else self._value(e), e.sig)
+            key[1]: (e.value if unit_of(key[1]) in encoded else self._value(e), e.sig)
             for key, e in self._entries.items()
-            if key[0] == slot and e.generation == self.generation and key[1] not in skip
-            and (only is None or key[1] in only)
+            if key[0] == slot and e.generation == self.generation and unit_of(key[1]) not in skip
+            and (only is None or unit_of(key[1]) in only)
         }
 
     def drop_slot(self, slot, keep=()) -> None:
-        for key in [k for k in self._entries if k[0] == slot and k[1] not in keep]:
+        for key in [k for k in self._entries if k[0] == slot and unit_of(k[1]) not in keep]:
             del self._entries[key]
 
     def clear(self) -> None:

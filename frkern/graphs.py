@@ -47,6 +47,7 @@ from typing import Any, Callable
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .cache import unit_of
 from .runtime import FULL_MODE, PROBE_MODE, REUSE_MODE, Runtime
 
 
@@ -296,6 +297,7 @@ class GraphRunner:
 
         def fn():
             rt.writes.clear()
+            rt.runs.clear()
             rt.reads.clear()
             rt.reads.update(reads)
             out = runner(self.network, static_call)
@@ -303,7 +305,7 @@ class GraphRunner:
 
         # Warm-up and capture run `fn`, but only the replay that follows is the real call: a
         # stateful unit that moves its state on in place (Skip-Convolution) gets it back as it was.
-        stateful = [v for u, (v, _) in reads.items() if u in rt.stateful_units]
+        stateful = [v for u, (v, _) in reads.items() if unit_of(u) in rt.stateful_units]
         saved = [(t, t.clone()) for t in tree_flatten(stateful)[0] if isinstance(t, torch.Tensor)]
         replay, (out, writes) = self.capture(fn)
         for t, copy in saved:

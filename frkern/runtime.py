@@ -17,7 +17,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .cache import FeatureCache
+from .cache import FeatureCache, run_key
 from .policies import FULL, Policy, StepPlan
 from .watch import WeightsWatch
 
@@ -88,6 +88,9 @@ class Runtime:
         # objects on every call and never the cache's bookkeeping (generation ids, slots).
         self.reads: dict[str, tuple] = {}
         self.writes: dict[str, tuple] = {}
+        # How often each unit has run in this call: a unit run once per chunk of the batch
+        # (diffusers' split inference) stores and reads each run under a key of its own (run_key).
+        self.runs: dict[str, int] = {}
         # States the host sets for this call outside the network (an adaptive gate's state after a
         # probe), committed with its writes: they hold whether or not the network reaches the unit.
         self.pending: dict[str, tuple] = {}
@@ -265,6 +268,7 @@ class Runtime:
             self.stats["full"] += 1
             self.reads.clear()
             self.writes.clear()
+            self.runs.clear()
             return FULL
         if not self.open:
             if not self.scheduler_driven:
@@ -305,6 +309,7 @@ class Runtime:
             self.attention_now = modes
         self.reads.clear()
         self.writes.clear()
+        self.runs.clear()
         self.pending.clear()
         if plan.decide:
             self.mode = PROBE_MODE  # the dispatcher probes, then calls resolve()
@@ -332,6 +337,7 @@ class Runtime:
         probed = dict(self.writes)
         self.reads.clear()
         self.writes.clear()
+        self.runs.clear()  # a unit the resumed pass runs again reads what the probe stored
         plan = plan if reuse else FULL
         self._enter(plan)
         self.reads.update(probed)
@@ -353,6 +359,9 @@ class Runtime:
                 self.cache.put((self.slot, unit), value, sig, memo)
             self._key_sigs[self.slot] = call_sig
             self._reuse_run[self.slot] = 0
+            # outputs decoded ahead (EncoderPropagation) were made from the features just replaced
+            # (a promoted call, e.g. after a weight change, is such a keyframe)
+            self.ahead.clear()
         elif self.mode == REUSE_MODE:
             memo = {}
             for unit, (value, sig) in (*self.writes.items(), *self.pending.items()):  # stateful units moved on
@@ -360,6 +369,7 @@ class Runtime:
             self._reuse_run[self.slot] = self._reuse_run.get(self.slot, 0) + 1
         self.reads.clear()
         self.writes.clear()
+        self.runs.clear()
         self.pending.clear()
         self.mode = OFF
         self.slot += 1
@@ -374,6 +384,7 @@ class Runtime:
         self._reuse_run.clear()
         self.reads.clear()
         self.writes.clear()
+        self.runs.clear()
         self.pending.clear()
         self.mode = OFF
 
@@ -417,15 +428,18 @@ class Runtime:
         unit may cache more than one tensor).
         """
         mode = self.mode
+        run = self.runs.get(name, 0)
+        self.runs[name] = run + 1
+        key = run_key(name, run)  # `name` itself on the first run
         if mode == REUSE_MODE or (mode == FULL_MODE and name in self.persistent_units):
-            entry = self.reads.get(name)
+            entry = self.reads.get(key)
             if entry is not None and entry[1] == sig:
                 state = entry[0]
                 if self.cache.codec is not None and name not in self.encoded_units:
                     state = self.cache.codec.decode(state)  # a compressed state, decoded where it is read
                 if update is not None:
                     output, new_state = update(state)
-                    self.writes[name] = (new_state, sig)
+                    self.writes[key] = (new_state, sig)
                     return output
                 return state if reuse is None else reuse(state)
             if mode == REUSE_MODE:
@@ -433,9 +447,9 @@ class Runtime:
         result = compute()
         output, state = (result, result) if reuse is None and update is None else result
         if mode == FULL_MODE:
-            self.writes[name] = (state, sig)
+            self.writes[key] = (state, sig)
         elif isinstance(mode, UnitMode):
-            new_state = mode.state(name, state)
+            new_state = mode.state(key, state)
             if new_state is not state:
                 output = new_state if reuse is None else reuse(new_state)
         return output

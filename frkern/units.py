@@ -114,10 +114,22 @@ class _Wrapper(nn.Module):
         parent._modules[name] = self
 
     def detach(self) -> None:
-        """Put the original back where this wrapper stands (with whatever children it has now)."""
+        """Put the original back where this wrapper stands (with whatever children it has now). A
+        module the user put in the wrapper's place keeps it; if that module holds the wrapper
+        (diffusers' split inference wraps blocks in a SplitInferenceModule), it gets the original."""
         parent, name = self.__dict__.pop("_place")
         self.original.train(self.training)
-        parent._modules[name] = self.original
+        here = parent._modules.get(name)
+        if here is self:
+            parent._modules[name] = self.original
+            return
+        if here is None:
+            return
+        holders = [m for m in here.modules() if m is not self]
+        for holder in holders:
+            for key, child in holder._modules.items():
+                if child is self:
+                    holder._modules[key] = self.original
 
     def train(self, mode: bool = True):
         super().train(mode)

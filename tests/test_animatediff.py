@@ -1,8 +1,9 @@
 """AnimateDiff through its pipelines: frkern patched into AnimateDiffPipeline and
 AnimateDiffVideoToVideoPipeline equals the unpatched pipeline with the policy's independent hook
 statement (tests/reference_video.py) on its UNet, also with FreeInit (the loop runs several
-times), FreeNoise (frames in overlapping windows), a motion adapter loaded after patching, a LoRA
-on the UNet added after patching, and video-to-video with strength < 1 (planned by position)."""
+times), FreeNoise (frames in overlapping windows), split inference (blocks run per chunk of the
+batch), a motion adapter loaded after patching, a LoRA on the UNet added after patching, and
+video-to-video with strength < 1 (planned by position)."""
 from __future__ import annotations
 
 
@@ -155,3 +156,66 @@ def test_video_to_video_plans_by_position_in_the_whole_schedule():
 
     assert torch.equal(run(pipe), run(ref))
     assert handle.stats == {"full": 2, "reuse": 1}
+
+
+def split_inference(pipe):
+    # chunks of 4 of the 8 frames (2 videos x 4 frames) for ResNets and transformers, of 2 for the
+    # motion modules: every unit runs more than once per UNet call
+    pipe.enable_free_noise_split_inference(spatial_split_size=4, temporal_split_size=2)
+
+
+@pytest.mark.parametrize("order", ["split_then_patch", "patch_then_split"])
+def test_split_inference_reads_each_chunk_from_its_own_cache(order):
+    """Split inference runs each ResNet, transformer and motion module once per chunk of the batch:
+    each run stores and reads its own features. FRDiff equals its statement without split inference
+    within rounding (split inference alone moves the latents by rel ~1e-6). Before, every chunk of a
+    reuse call read the last chunk's features: off by rel 5e-2."""
+    ref = animatediff_pipeline()
+    hooks = FRDiffVideoHooks(ref.unet, kinds=KINDS)
+    with_statement(ref, hooks, lambda i: i % 2 == 0)
+    want = generate(ref)
+    pipe = animatediff_pipeline()
+    if order == "split_then_patch":
+        split_inference(pipe)
+    handle = frkern.patch(pipe, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+    if order == "patch_then_split":
+        split_inference(pipe)
+    keys = []
+
+    def after_keyframe(p, i, t, kw):
+        if i == 0:
+            keys.extend(key[1] for key in handle.runtime.cache.keys())
+        return {}
+
+    got = generate(pipe, callback_on_step_end=after_keyframe)
+    assert handle.stats == {"full": 2, "reuse": 2}  # no unit_miss: each run found its own state
+    assert any(key.endswith("#2") for key in keys), keys
+    assert torch.isfinite(got).all()
+    assert rel(got, want) <= 1e-5, rel(got, want)
+
+
+def test_unpatch_keeps_split_inference_enabled_while_patched():
+    """The SplitInferenceModules split inference wraps around frkern's wrappers stay after unpatch,
+    around the original modules: the pipeline equals one that was never patched, bit for bit."""
+    from diffusers.pipelines.free_noise_utils import SplitInferenceModule
+
+    pipe, ref = animatediff_pipeline(), animatediff_pipeline()
+    split_inference(ref)
+    frkern.patch(pipe, frkern.FRDiff(interval=2, score_mix=False), backend="torch")
+    split_inference(pipe)
+    frkern.unpatch(pipe)
+    kinds = lambda unet: {name: type(m).__name__ for name, m in unet.named_modules()}
+    assert kinds(pipe.unet) == kinds(ref.unet)
+    assert sum(isinstance(m, SplitInferenceModule) for m in pipe.unet.modules()) > 0
+    assert torch.equal(generate(pipe), generate(ref))
+
+
+def test_adaptive_refuses_split_inference_at_the_first_call():
+    """An adaptive probe measures its indicator on the whole batch; split inference would hand it
+    one chunk. Refused with a message naming the cause; the pipeline is left patched and works
+    once split inference is off."""
+    pipe = animatediff_pipeline()
+    frkern.patch(pipe, frkern.Adaptive(0.5, reuse="deepcache", branch=1, max_reuse=2), backend="torch")
+    split_inference(pipe)
+    with pytest.raises(RuntimeError, match="split inference"):
+        generate(pipe)
