@@ -6,8 +6,10 @@ next n - 1 non-key steps can run now, batched with this one: every cached segmen
 n times along the batch, the timesteps of the n steps (from the tracked scheduler) are laid out
 one per copy, the other batch-leading inputs are tiled too, and the output's n chunks are this
 call's and the next calls' outputs. A later call returns its chunk only if it passes what the
-batched call assumed: the same step, the same conditioning tensors (identity), a sample of the
-same signature; otherwise everything precomputed is dropped and the call runs as usual.
+batched call assumed: the same step, the same conditioning tensors (identity, not edited in place
+since), the same call signature (shapes, weights, options) and a sample of the same signature;
+otherwise everything precomputed is dropped and the call runs as usual. A keyframe drops it too:
+it was decoded from the features the keyframe replaces.
 
 Runs sequentially (no batching) when a call carries inputs only that step can know (ControlNet /
 T2I-Adapter residuals, cross-attention kwargs), under CUDA graphs, without exactly one tracked
@@ -32,9 +34,17 @@ def _tile(value, n: int):
     return map_tensors(lambda t: t.repeat(n, *([1] * (t.dim() - 1))) if t.dim() else t, value)
 
 
+def _same_tensor(t) -> tuple:
+    # identity and version counter: an in-place edit (a callback scaling prompt_embeds) moves the
+    # counter. Inference-mode tensors have none; diffusers' pipelines run under no_grad.
+    return (id(t), None if not isinstance(t, torch.Tensor) or t.is_inference() else t._version)
+
+
 def _inputs_key(call: Call) -> tuple:
-    """What a precomputed output assumed of its call: the conditioning tensors, by identity."""
-    return (id(call.context), tuple(sorted((k, tuple(id(t) for t in iter_tensors(v))) for k, v in call.kwargs.items())))
+    """What a precomputed output assumed of its call: the conditioning tensors, by identity and
+    version (not changed in place since)."""
+    return (_same_tensor(call.context),
+            tuple(sorted((k, tuple(map(_same_tensor, iter_tensors(v)))) for k, v in call.kwargs.items())))
 
 
 def scheduler_of(handle):
@@ -60,7 +70,7 @@ def steps_ahead(handle, width: int) -> int:
     return n
 
 
-def run_batched(handle, call: Call, n: int, scheduler) -> torch.Tensor:
+def run_batched(handle, call: Call, call_sig, n: int, scheduler) -> torch.Tensor:
     """This call's output; the next n - 1 steps' outputs are stored in runtime.ahead."""
     rt, batch = handle.runtime, call.sample.shape[0]
     timesteps = scheduler.timesteps[rt.step: rt.step + n].to(call.sample.device)
@@ -73,7 +83,7 @@ def run_batched(handle, call: Call, n: int, scheduler) -> torch.Tensor:
     chunks = out.chunk(n)
     key = _inputs_key(call)
     for j in range(1, n):
-        rt.ahead[(rt.slot, rt.step + j)] = (chunks[j].clone(), key, call.sample.shape, call.sample.dtype)
+        rt.ahead[(rt.slot, rt.step + j)] = (chunks[j].clone(), key, call_sig, call.sample.shape, call.sample.dtype)
     rt.stats["decoded_ahead"] += n - 1
     return chunks[0]
 
@@ -83,17 +93,18 @@ def can_batch(handle, call: Call) -> bool:
             and not call.args)
 
 
-def take(handle, call: Call):
+def take(handle, call: Call, call_sig):
     """The output computed ahead for this call, or None (what was computed ahead is then dropped
     if it cannot apply to this call)."""
     rt = handle.runtime
     entry = rt.ahead.pop((rt.slot, rt.step), None)
     if entry is None:
         return None
-    out, key, shape, dtype = entry
+    out, key, sig, shape, dtype = entry
     scheduler = scheduler_of(handle)
     step_ok = scheduler is not None and _position(call.timestep, scheduler.timesteps) == rt.step
-    if not (step_ok and key == _inputs_key(call) and call.sample.shape == shape and call.sample.dtype == dtype):
+    if not (step_ok and sig == call_sig and key == _inputs_key(call) and call.sample.shape == shape
+            and call.sample.dtype == dtype):
         rt.ahead.clear()  # this call is not the one it was computed for: nothing ahead applies
         rt.stats["ahead_dropped"] += 1
         return None

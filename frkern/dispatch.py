@@ -340,11 +340,11 @@ class Handle:
                              f"[text, image, uncond])? Patch with {self.policy.name}(cfg=False)")
 
     @torch.compiler.disable
-    def _decode_ahead(self, call):
+    def _decode_ahead(self, call_sig, call):
         """EncoderPropagation's parallel decoding (frkern.decode_ahead): this reuse call's output
         if an earlier call computed it, or computed now with the next non-key steps' batched in;
         None: run as usual. Eager under torch.compile (a batch of n steps is another shape)."""
-        out = decode_ahead.take(self, call)
+        out = decode_ahead.take(self, call, call_sig)
         if out is not None:
             return out
         scheduler = decode_ahead.scheduler_of(self)
@@ -352,7 +352,7 @@ class Handle:
             self.runtime.stats["decoded_alone"] += 1
             return None
         n = decode_ahead.steps_ahead(self, self.installation.plan.decode_ahead)
-        return decode_ahead.run_batched(self, call, n, scheduler) if n > 1 else None
+        return decode_ahead.run_batched(self, call, call_sig, n, scheduler) if n > 1 else None
 
     def passes_through(self, model) -> bool:
         """Does this handle's forward run `model`'s own forward unchanged? (Once unpatched: see forward.)"""
@@ -374,7 +374,7 @@ class Handle:
                 plan = self._probe(plan, call_sig, call)
             ahead = None
             if self.installation.plan.decode_ahead > 1 and self.runtime.mode == REUSE_MODE:
-                ahead = self._decode_ahead(call)
+                ahead = self._decode_ahead(call_sig, call)
             if ahead is not None:
                 out = ahead
             elif plan.cfg_half and plan.runs_network and self.runtime.mode in (FULL_MODE, REUSE_MODE):

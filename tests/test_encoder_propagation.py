@@ -144,6 +144,61 @@ def test_parallel_decoding_drops_what_no_longer_applies():
     assert _rel(outs[3], outs[1]) <= 1e-5
 
 
+def test_parallel_decoding_drops_outputs_after_an_in_place_edit_of_the_conditioning():
+    """A callback scales prompt_embeds in place after step 1, when steps 2 and 3 were decoded ahead
+    with the old values: the same tensor object, so only its version counter tells (before, the
+    stale outputs were returned: off by rel 5e-2)."""
+    prompt = sd_prompt_kwargs()
+
+    def callback(pipe, i, t, kw):
+        if i == 1:
+            kw["prompt_embeds"].mul_(1.5)
+        return {}
+
+    def run(pipe):
+        return generate(pipe, prompt, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["prompt_embeds"])
+
+    outs, stats = _parallel_runs(make_sd_pipeline, run, dict(key_steps=(0, 4)))
+    assert stats[3]["ahead_dropped"] == 1, stats
+    assert _rel(outs[3], outs[1]) <= 1e-5, _rel(outs[3], outs[1])
+
+
+@pytest.mark.parametrize("change", ["weights", "lora_scale"])
+def test_parallel_decoding_drops_outputs_after_a_weight_change(change):
+    """Weights change after step 1 (in place, or an adapter's scale), when steps 2 and 3 were decoded
+    ahead with the old ones: step 2 is promoted to a keyframe, which drops what was decoded from the
+    features it replaces, so step 3 decodes anew (before, it returned the stale output: rel 3e-2)."""
+    from peft import LoraConfig
+
+    prompt = sd_prompt_kwargs()
+
+    def make():
+        pipe = make_sd_pipeline()
+        if change == "lora_scale":
+            pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "conv1"],
+                                             init_lora_weights=False), adapter_name="a")
+        return pipe
+
+    def callback(pipe, i, t, kw):
+        if i == 1:
+            if change == "weights":
+                with torch.no_grad():
+                    pipe.unet.up_blocks[1].resnets[0].conv1.weight.mul_(1.5)
+            else:
+                pipe.unet.set_adapters(["a"], weights=[0.3])
+        return {}
+
+    outs = {}
+    for k in (1, 3):  # a fresh pipeline each: the callback changes it
+        pipe = make()
+        handle = frkern.patch(pipe, frkern.EncoderPropagation(key_steps=(0, 4), parallel=k), backend="torch")
+        outs[k] = generate(pipe, prompt, callback_on_step_end=callback)
+        stats = dict(handle.stats)
+        assert stats["promoted"] == 1, stats
+    assert stats["decoded_ahead"] >= 2, stats
+    assert _rel(outs[3], outs[1]) <= 1e-5, _rel(outs[3], outs[1])
+
+
 def test_parallel_decoding_in_a_hand_written_loop_runs_each_call_alone():
     """Without a tracked scheduler frkern does not know the next timesteps: every reuse call runs on
     its own (stats say so), bit-identical to parallel=1."""
