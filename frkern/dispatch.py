@@ -165,6 +165,16 @@ class Handle:
         self._check_active()
         unpatch(self.unet)
 
+    def _load_lora_adapter(self, *args, **kwargs):
+        """The patched model's load_lora_adapter (diffusers' LoRA loading, `pipe.load_lora_weights`):
+        the class's, then the weights count as changed. A hotswap (`hotswap=True`) copies the new
+        adapter's weights in through `.data`, which no version counter sees; without this, a hotswap
+        inside a generation let reuse calls read features of the old adapter."""
+        try:
+            return type(self.unet).load_lora_adapter(self.unet, *args, **kwargs)
+        finally:
+            self.runtime.watch.changed()
+
     def track(self, pipeline) -> None:
         """Let `pipeline`'s scheduler drive this model too (a second pipeline sharing the model)."""
         self._check_active()
@@ -449,6 +459,8 @@ def patch(target, policy: Policy | None = None, *, backend: str = "auto", cuda_g
     # the handle's frame is skipped, the network it calls (the model's own forward) is compiled.
     forward_chain.bottom(model).set(handle._chain_forward)
     model.__dict__[_HANDLE_ATTR] = handle
+    if callable(getattr(type(model), _LORA_LOADER, None)) and _LORA_LOADER not in model.__dict__:
+        model.__dict__[_LORA_LOADER] = handle._load_lora_adapter
     handle.active = True
     handle.track(pipeline)
     return handle
@@ -464,6 +476,9 @@ def _check_cache_format(fmt: CacheFormat, plan: Plan, model: nn.Module) -> None:
             "rounded (its active-tile masks are already bits); use cache='model'")
     param = next(model.parameters(), None)
     check_device_support(fmt, param.device if param is not None else torch.device("cpu"))
+
+
+_LORA_LOADER = "load_lora_adapter"  # diffusers' PeftAdapterMixin method (see Handle._load_lora_adapter)
 
 
 def unpatch(target) -> None:
@@ -485,4 +500,6 @@ def unpatch(target) -> None:
     handle.runtime.cache.clear()
     handle.executor.clear()
     del model.__dict__[_HANDLE_ATTR]
+    if model.__dict__.get(_LORA_LOADER) == handle._load_lora_adapter:
+        del model.__dict__[_LORA_LOADER]
     handle.active = False

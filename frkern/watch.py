@@ -10,10 +10,14 @@ A cached feature is valid only while every parameter that produced it is the sam
   hooks bump `structure_epoch()`, and the next token re-lists the parameters;
 - a peft adapter is switched, scaled, disabled, merged or unmerged (its layers' state is part of
   the token: merging edits weights through `.data`, which no version counter sees).
-The one change it cannot see: in-place edits through `.data` (or `torch.no_grad()` edits of
-inference-mode tensors, which have no version counter) that keep the same storage. Nothing does
-that in diffusers or peft except merging, which is covered; a user who does must call
-`handle.reset()`.
+- `changed()` is called: a patched model's `load_lora_adapter` (diffusers' LoRA loading) calls it,
+  since a hotswap (`load_lora_weights(..., hotswap=True)`) copies the new adapter's weights in
+  through `.data` into the same storage, under the same adapter name and scaling.
+The one change it cannot see: other in-place edits through `.data` (or `torch.no_grad()` edits of
+inference-mode tensors, which have no version counter) that keep the same storage. In diffusers
+and peft only merging and hotswapping do that, and both are covered (peft's
+`hotswap_adapter_from_state_dict` called directly, not through diffusers, is not); a user who does
+must call `handle.reset()`.
 
 Storage hooks: diffusers' layerwise casting (`enable_layerwise_casting`: weights stored in a small
 dtype, upcast for each call and stored back) and group offloading, and accelerate's offloading
@@ -108,6 +112,7 @@ class WeightsWatch:
         self._pointed: list[torch.Tensor] = []  # parameters whose storage pointers are hashed
         self._hooked_ids = 0  # which parameters storage hooks manage (watched by version only)
         self._pointers = None
+        self._changes = 0  # changed() calls: edits no counter above sees (a LoRA hotswap)
         # submodules (not the model itself) under storage hooks: their hooks run inside the forward
         self.inner_storage_hooks: list[str] = []
 
@@ -157,4 +162,9 @@ class WeightsWatch:
             sum(map(_VERSION, self._versioned)),
             pointers,
             tuple(map(_adapter_state, self._tuners)) if self._tuners else (),
+            self._changes,
         )
+
+    def changed(self) -> None:
+        """The weights changed in a way the token cannot see: every later token differs."""
+        self._changes += 1

@@ -119,6 +119,37 @@ def test_adapter_scale_change_inside_a_generation_is_not_read_stale():
     assert_weight_change_promotes(unet, lambda: unet.fuse_lora(lora_scale=0.5))
 
 
+def lora_state_dict(seed):
+    donor = sd_unet()
+    add_lora(donor, "x", seed=seed)
+    return peft.get_peft_model_state_dict(donor, adapter_name="x")
+
+
+@pytest.mark.parametrize("prepared", [False, True], ids=["plain", "enable_lora_hotswap"])
+def test_lora_hotswap_inside_a_generation_is_not_read_stale(prepared):
+    """diffusers' hotswap (`load_lora_weights` / `load_lora_adapter` with hotswap=True) copies the new
+    adapter's weights in through `.data`: same storage, adapter name and scaling, no version counter
+    moves. The patched model's load_lora_adapter tells the watch, so the next call is promoted and
+    equals the unpatched model with the new adapter (before, reuse read the old adapter's features)."""
+    unet = sd_unet()
+    if prepared:  # scalings become tensors, filled in place on a swap
+        unet.enable_lora_hotswap(target_rank=8)
+    unet.load_lora_adapter(lora_state_dict(7), adapter_name="a", prefix=None)
+    new = lora_state_dict(8)
+    assert_weight_change_promotes(unet, lambda: unet.load_lora_adapter(new, adapter_name="a", prefix=None, hotswap=True))
+    assert "load_lora_adapter" not in unet.__dict__  # unpatched: the class's method again
+
+
+def test_lora_loader_of_a_copied_patched_model_is_the_copys():
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.FRDiff(interval=2), backend="torch")
+    twin = copy.deepcopy(unet)
+    assert unet.load_lora_adapter.__self__ is handle
+    assert twin.load_lora_adapter.__self__.unet is twin and twin.load_lora_adapter.__self__ is not handle
+    twin.load_lora_adapter(lora_state_dict(7), adapter_name="a", prefix=None)
+    assert not any("lora" in name for name, _ in unet.named_parameters())
+
+
 def test_per_call_lora_scale_is_part_of_the_call_signature():
     unet = sd_unet()
     add_lora(unet)
