@@ -418,6 +418,40 @@ def test_pipeline_built_from_the_components_of_a_patched_one():
     assert torch.equal(generate(other, prompt), want)
 
 
+@pytest.mark.parametrize("when", ["patched_then_from_pipe", "from_pipe_then_patched"])
+def test_from_pipe_shares_the_unet_and_scheduler_and_generations_stay_apart(when):
+    """`Img2Img.from_pipe(pipe)` shares the UNet and the scheduler object: generations alternating
+    between the two pipelines each equal a fresh pipeline's run with the same policy."""
+    prompt = sd_prompt_kwargs()
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+
+    def text(p):
+        return generate(p, prompt)
+
+    def img2img(p):
+        return p(**prompt, image=image, strength=0.75, num_inference_steps=8, output_type="latent",
+                 generator=torch.Generator().manual_seed(0)).images
+
+    policy = frkern.DeepCache(interval=3)
+    pipe = make_sd_pipeline()
+    if when == "patched_then_from_pipe":
+        handle = frkern.patch(pipe, policy)
+    other = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    assert other.unet is pipe.unet and other.scheduler is pipe.scheduler
+    if when == "from_pipe_then_patched":
+        handle = frkern.patch(pipe, policy)
+    fresh_text, fresh_i2i = make_sd_pipeline(), StableDiffusionImg2ImgPipeline(**make_sd_pipeline().components)
+    fresh_i2i.set_progress_bar_config(disable=True)
+    frkern.patch(fresh_text, policy)
+    frkern.patch(fresh_i2i, policy)
+    want = (text(fresh_text), img2img(fresh_i2i))
+    for _ in range(2):
+        assert torch.equal(text(pipe), want[0])
+        assert torch.equal(img2img(other), want[1])
+        assert handle.stats["reuse"] > 0  # the img2img generation reused features
+
+
 def test_second_pipeline_with_its_own_scheduler_never_reads_stale_features():
     unet = sd_unet()
     pipe = make_sd_pipeline(unet=unet)
