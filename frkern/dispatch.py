@@ -248,7 +248,7 @@ class Handle:
             signature(call.sample),
             signature(ctx) if isinstance(ctx, torch.Tensor) else None,
             rt.weights_token(),
-            self.family.call_options(call),
+            self.family.call_options(self.unet, call),
         )
         plan = rt.start_call(call_sig)
         if rt.mode in (REUSE_MODE, PROBE_MODE) and self._hooks_checked != rt.cache.generation:
@@ -281,7 +281,7 @@ class Handle:
         rt = self.runtime
         gates = self.installation.gates
         if rt.mode == REUSE_MODE and gates:
-            active = [u.last_active for u in gates if u.last_active is not None]
+            active = [a for u in gates for a in u.active_runs]
             if active:  # one small device reduction, no host read
                 rt.measure("active_fraction", sum(a.sum() for a in active).float() / sum(a.numel() for a in active))
         if rt.mode != COMPUTE_MODE:

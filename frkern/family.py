@@ -117,8 +117,9 @@ class ModelFamily:
         """(the call by role, return_dict) from the model forward's arguments."""
         raise NotImplementedError
 
-    def call_options(self, call: Call) -> tuple:
-        """Hashable options of a call that change its result but not its shapes."""
+    def call_options(self, model, call: Call) -> tuple:
+        """Hashable options of a call (or settings of the model outside its weights) that change its
+        result but not its shapes."""
         return ()
 
     def mutates_outputs(self, model, call: Call) -> bool:

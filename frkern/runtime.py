@@ -263,7 +263,10 @@ class Runtime:
             raise RuntimeError("frkern: nested call of a patched model")
         self.attention_now = None
         if not self.caches:
-            # Kernels only: no step protocol needed, nothing is read or written.
+            # Kernels only: no step protocol needed, nothing is read or written. Every call is
+            # slot 0 (without set_step the slot would count calls, and each call would key a
+            # CUDA graph of its own).
+            self.slot = 0
             self.mode = FULL_MODE
             self.stats["full"] += 1
             self.reads.clear()

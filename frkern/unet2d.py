@@ -150,15 +150,20 @@ class UNetFamily(ModelFamily):
         return_dict = kwargs.pop("return_dict", return_dict)
         return Call(roles["sample"], roles["timestep"], roles["encoder_hidden_states"], (), kwargs), return_dict
 
-    def call_options(self, call):
+    def call_options(self, model, call):
         # A LoRA scale passed per call (diffusers pops it from cross_attention_kwargs and scales
         # every adapter layer during the forward) changes the result: a keyframe made with one
-        # scale is not read by a call with another.
+        # scale is not read by a call with another. So do FreeU's factors (enable_freeu /
+        # disable_freeu between calls): they are attributes of the up blocks, not weights.
+        options = ()
         cak = call.kwargs.get("cross_attention_kwargs")
-        if not cak or "scale" not in cak:
-            return ()
-        scale = cak["scale"]
-        return (("lora_scale", float(scale) if isinstance(scale, (int, float)) else id(scale)),)
+        if cak and "scale" in cak:
+            scale = cak["scale"]
+            options += (("lora_scale", float(scale) if isinstance(scale, (int, float)) else id(scale)),)
+        if self.freeu_enabled(model):
+            options += (("freeu", tuple(tuple(getattr(b, k, None) for k in ("s1", "s2", "b1", "b2"))
+                                        for b in model.up_blocks)),)
+        return options
 
     def residuals_added_in_place(self, call):
         # diffusers adds T2I-Adapter residuals to a plain down block's and the mid block's output

@@ -517,6 +517,7 @@ class ConvGate:
         self.last_active = None
         self.last_affected = None
         self.last_shape = None  # (n, cin, cout, k, h, w) of the last gated step (FLOP accounting)
+        self.active_runs = []  # the active tiles of each gated step of this call (split inference: one per chunk)
         self._checked = None  # the module last found supported
 
     def attach(self, parent: nn.Module, name: str) -> None:
@@ -545,6 +546,8 @@ class ConvGate:
             self._checked = module
         conv = _base_conv(module)
         self.last_active = self.last_affected = None
+        if not self.runtime.runs.get(self.unit):  # the call's first run of this gate
+            self.active_runs = []
         temporal = isinstance(conv, nn.Conv3d)
 
         def dense():
@@ -565,6 +568,7 @@ class ConvGate:
                     backend=self.backend, conv=fn)
                 n, cin, f, h, w = x.shape
                 self.last_active, self.last_affected = active, affected
+                self.active_runs.append(active)
                 self.last_shape = (n * f, cin, conv.out_channels, conv.kernel_size[0], h, w)
                 return out, (x_ref, out, active)
             out, x_ref, active, affected = ops.skip_conv(x, x_ref, z, conv.weight, conv.bias, tile=self.tile,
@@ -572,6 +576,7 @@ class ConvGate:
                                                          backend=self.backend, conv=fn)
             n, cin, h, w = x.shape
             self.last_active, self.last_affected = active, affected  # what a tile-predicated conv computes
+            self.active_runs.append(active)
             self.last_shape = (n, cin, conv.out_channels, conv.kernel_size[0] * conv.kernel_size[1], h, w)
             return out, (x_ref, out, active)
 

@@ -219,3 +219,20 @@ def test_adaptive_refuses_split_inference_at_the_first_call():
     split_inference(pipe)
     with pytest.raises(RuntimeError, match="split inference"):
         generate(pipe)
+
+
+def test_skipconv_with_split_inference_counts_every_chunk():
+    """SkipConv's gates run once per chunk under split inference: the latents and the active-tile
+    fraction of each step are those of the unsplit run (the fraction used to count the last chunk only)."""
+    runs = {}
+    for split in (False, True):
+        pipe = animatediff_pipeline()
+        if split:
+            split_inference(pipe)
+        handle = frkern.patch(pipe, frkern.SkipConv(threshold=0.05), backend="torch")
+        runs[split] = generate(pipe), handle.stats["active_fraction"]
+    (plain, plain_active), (got, got_active) = runs[False], runs[True]
+    assert rel(got, plain) <= 1e-5
+    assert plain_active.keys() == got_active.keys() and len(plain_active) == STEPS - 1
+    for step, fraction in plain_active.items():
+        assert abs(got_active[step] - fraction) <= 1e-6, (step, got_active[step], fraction)

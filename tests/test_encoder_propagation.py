@@ -163,9 +163,10 @@ def test_parallel_decoding_drops_outputs_after_an_in_place_edit_of_the_condition
     assert _rel(outs[3], outs[1]) <= 1e-5, _rel(outs[3], outs[1])
 
 
-@pytest.mark.parametrize("change", ["weights", "lora_scale"])
+@pytest.mark.parametrize("change", ["weights", "lora_scale", "freeu"])
 def test_parallel_decoding_drops_outputs_after_a_weight_change(change):
-    """Weights change after step 1 (in place, or an adapter's scale), when steps 2 and 3 were decoded
+    """Weights change after step 1 (in place, an adapter's scale, or FreeU's factors, which are
+    block attributes), when steps 2 and 3 were decoded
     ahead with the old ones: step 2 is promoted to a keyframe, which drops what was decoded from the
     features it replaces, so step 3 decodes anew (before, it returned the stale output: rel 3e-2)."""
     from peft import LoraConfig
@@ -184,6 +185,8 @@ def test_parallel_decoding_drops_outputs_after_a_weight_change(change):
             if change == "weights":
                 with torch.no_grad():
                     pipe.unet.up_blocks[1].resnets[0].conv1.weight.mul_(1.5)
+            elif change == "freeu":
+                pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
             else:
                 pipe.unet.set_adapters(["a"], weights=[0.3])
         return {}

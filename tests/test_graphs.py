@@ -61,6 +61,21 @@ def test_graphs_equal_the_eager_patched_unet_and_capture_once_per_step_kind(kind
     assert gs.get("read_copies", 0) == 0
 
 
+def test_a_policy_without_caches_in_a_hand_written_loop_captures_once():
+    """NoReuse needs no step protocol: without begin/set_step its calls are all slot 0, so one graph
+    serves them all (before, the slot counted calls and every call captured a graph of its own)."""
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.NoReuse(), backend="torch", cuda_graphs=True)
+    handle.graphs.capture = EmulatedCapture()
+    sample, ehs, _ = sd_inputs(unet)
+    with torch.no_grad():
+        outs = [unet(sample, t, ehs).sample for t in (900, 800, 700, 600)]
+        frkern.unpatch(unet)
+        for t, out in zip((900, 800, 700, 600), outs):
+            assert torch.equal(out, unet(sample, t, ehs).sample), t
+    assert handle.graph_stats["captures"] == 1 and handle.graph_stats["replays"] == 4
+
+
 def test_new_shapes_recapture_and_stay_correct():
     policy = frkern.FRDiff(interval=2)
     pipe, prompt = on_device(make_sd_pipeline(), sd_prompt_kwargs())

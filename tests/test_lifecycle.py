@@ -75,6 +75,38 @@ def test_weight_change_inside_a_generation_recomputes():
     assert_weight_change_promotes(unet, lambda: unet.down_blocks[0].resnets[0].conv1.weight.mul_(1.5))
 
 
+def test_freeu_toggled_inside_a_generation_recomputes():
+    """FreeU's factors are attributes of the up blocks, not weights: enabling, changing or disabling
+    it between a keyframe and a reuse call makes that call a full one."""
+    on = dict(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    for before, change in ((None, lambda u: u.enable_freeu(**on)),
+                           (on, lambda u: u.enable_freeu(**dict(on, s1=0.8))),
+                           (on, lambda u: u.disable_freeu())):
+        unet = sd_unet()
+        if before:
+            unet.enable_freeu(**before)
+        assert_weight_change_promotes(unet, lambda: change(unet))
+
+
+def test_freeu_toggled_between_cuda_graph_replays_is_a_new_graph():
+    """Under cuda_graphs=True (emulated capture on a CPU) a graph captured with FreeU's factors is not
+    replayed with others: the call options key the graphs."""
+    from devices import EmulatedCapture
+
+    unet = sd_unet()
+    handle = frkern.patch(unet, frkern.NoReuse(), backend="torch", cuda_graphs=True)
+    handle.graphs.capture = EmulatedCapture()
+    sample, ehs, _ = sd_inputs(unet)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    with torch.no_grad():
+        unet(sample, 500, ehs)
+        unet.enable_freeu(s1=0.6, s2=0.2, b1=1.2, b2=1.4)
+        got = unet(sample, 500, ehs).sample
+        frkern.unpatch(unet)
+        assert torch.equal(got, unet(sample, 500, ehs).sample)
+    assert handle.graph_stats["captures"] == 2
+
+
 def test_parameters_added_after_patch_are_watched_from_the_next_generation():
     # e.g. an adapter injected after patch, before the next generation starts
     unet = sd_unet()
