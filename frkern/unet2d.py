@@ -11,8 +11,13 @@ from diffusers.models.unets.unet_2d_blocks import (
     CrossAttnDownBlock2D,
     CrossAttnUpBlock2D,
     DownBlock2D,
+    ResnetDownsampleBlock2D,
+    ResnetUpsampleBlock2D,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
     UNetMidBlock2D,
     UNetMidBlock2DCrossAttn,
+    UNetMidBlock2DSimpleCrossAttn,
     UpBlock2D,
 )
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
@@ -22,6 +27,11 @@ from .units import FusedGEGLU, ReusedResnetBlock2D, ReusedTransformer2D
 
 SUPPORTED_BLOCKS = (
     CrossAttnDownBlock2D, DownBlock2D, UNetMidBlock2DCrossAttn, UNetMidBlock2D, CrossAttnUpBlock2D, UpBlock2D,
+    # Kandinsky 2.2's and DeepFloyd IF's: resamplers are ResNets (down=True / up=True, which the
+    # ResNet unit handles), attentions are bare Attention modules (added-KV processors, their
+    # residual add inside the processor), not reuse units: they compute on every call
+    ResnetDownsampleBlock2D, SimpleCrossAttnDownBlock2D, UNetMidBlock2DSimpleCrossAttn, SimpleCrossAttnUpBlock2D,
+    ResnetUpsampleBlock2D,
 )
 
 
