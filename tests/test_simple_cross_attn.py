@@ -1,8 +1,8 @@
 """The SimpleCrossAttn / ResnetDownsample block family of UNet2DConditionModel (Kandinsky 2.2's and
 DeepFloyd IF's UNets): every policy against its independent statement on an unpatched copy, bit
 for bit (torch backend), on a Kandinsky-2.2-style UNet (image embeddings as conditioning, scale-shift
-ResNets, 3 levels, 2 layers per block, odd channel counts); and the Kandinsky 2.2 decoder pipeline
-end to end. The blocks' attentions (added-KV processors) are not reuse units: FRDiff reuses the
+ResNets, 3 levels, 2 layers per block, odd channel counts) and on DeepFloyd IF's two UNets; and the
+Kandinsky 2.2 decoder pipeline end to end. The blocks' attentions (added-KV processors) are not reuse units: FRDiff reuses the
 ResNets there."""
 from __future__ import annotations
 
@@ -143,3 +143,53 @@ def test_kandinsky_pipeline_end_to_end():
         assert torch.equal(generate(pipe), want)
         assert handle.stats == {"full": 2, "reuse": 2}
         count[0] = 0
+
+
+def if_unet(super_resolution: bool) -> UNet2DConditionModel:
+    """DeepFloyd IF's UNets, as diffusers' IF tests build them: GELU ResNets, text addition
+    embeddings, group-normed cross-attention; the super-resolution stage also takes the noise level
+    as a timestep class label and a layer count per block."""
+    from diffusers.models.attention_processor import AttnAddedKVProcessor
+
+    torch.manual_seed(0)
+    config = dict(
+        sample_size=32, layers_per_block=[1, 2] if super_resolution else 1, block_out_channels=[32, 64],
+        down_block_types=["ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"],
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", up_block_types=["SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"],
+        in_channels=6 if super_resolution else 3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=32,
+        attention_head_dim=8, addition_embed_type="text", addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm", resnet_time_scale_shift="scale_shift", act_fn="gelu")
+    if super_resolution:
+        config.update(class_embed_type="timestep", mid_block_scale_factor=1.414, time_embedding_act_fn="gelu",
+                      time_embedding_dim=32)
+    unet = UNet2DConditionModel(**config)
+    unet.set_attn_processor(AttnAddedKVProcessor())
+    return unet.eval()
+
+
+@pytest.mark.parametrize("super_resolution", [False, True], ids=["if-stage1", "if-stage2"])
+@pytest.mark.parametrize("policy, hooks_for", [
+    (frkern.NoReuse(), None),
+    (frkern.FRDiff(interval=2, score_mix=False), FRDiffHooks),
+    (frkern.DeepCache(interval=2, branch=1), lambda u: DeepCacheCutHooks(u, 1)),
+], ids=["NoReuse", "FRDiff", "DeepCache-1"])
+def test_deepfloyd_if_unets_equal_the_statement(super_resolution, policy, hooks_for):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6 if super_resolution else 3, 16, 16, generator=g)
+    ehs = torch.randn(2, 7, 32, generator=g)
+    extra = dict(class_labels=torch.tensor([250, 250])) if super_resolution else {}
+    seq = [dict(sample=x + 0.05 * i, timestep=900 - 100 * i, encoder_hidden_states=ehs, **extra) for i in range(STEPS)]
+    unet, ref = if_unet(super_resolution), if_unet(super_resolution)
+    handle = frkern.patch(unet, policy, backend="torch")
+    hooks = hooks_for(ref) if hooks_for else None
+    if handle.caches:
+        handle.begin(STEPS)
+    with torch.no_grad():
+        for i, call in enumerate(seq):
+            if handle.caches:
+                handle.set_step(i)
+            if hooks is not None:
+                hooks.keyframe = i % 2 == 0
+            assert torch.equal(unet(**call).sample, ref(**call).sample), i
+    if handle.caches:
+        assert handle.stats == {"full": 2, "reuse": 2}
