@@ -7,8 +7,8 @@ n times along the batch, the timesteps of the n steps (from the tracked schedule
 one per copy, the other batch-leading inputs are tiled too, and the output's n chunks are this
 call's and the next calls' outputs. A later call returns its chunk only if it passes what the
 batched call assumed: the same step, the same conditioning tensors (identity, not edited in place
-since), the same call signature (shapes, weights, options) and a sample of the same signature;
-otherwise everything precomputed is dropped and the call runs as usual. A keyframe drops it too:
+since) and the same call signature (the sample's and conditioning's shapes, dtypes and devices,
+the weights, the call options); otherwise everything precomputed is dropped and the call runs as usual. A keyframe drops it too:
 it was decoded from the features the keyframe replaces.
 
 Runs sequentially (no batching) when a call carries inputs only that step can know (ControlNet /
@@ -83,7 +83,7 @@ def run_batched(handle, call: Call, call_sig, n: int, scheduler) -> torch.Tensor
     chunks = out.chunk(n)
     key = _inputs_key(call)
     for j in range(1, n):
-        rt.ahead[(rt.slot, rt.step + j)] = (chunks[j].clone(), key, call_sig, call.sample.shape, call.sample.dtype)
+        rt.ahead[(rt.slot, rt.step + j)] = (chunks[j].clone(), key, call_sig)
     rt.stats["decoded_ahead"] += n - 1
     return chunks[0]
 
@@ -100,11 +100,11 @@ def take(handle, call: Call, call_sig):
     entry = rt.ahead.pop((rt.slot, rt.step), None)
     if entry is None:
         return None
-    out, key, sig, shape, dtype = entry
+    out, key, sig = entry
     scheduler = scheduler_of(handle)
     step_ok = scheduler is not None and _position(call.timestep, scheduler.timesteps) == rt.step
-    if not (step_ok and sig == call_sig and key == _inputs_key(call) and call.sample.shape == shape
-            and call.sample.dtype == dtype):
+    # the call signature holds the sample's and conditioning's signatures, the weights and options
+    if not (step_ok and sig == call_sig and key == _inputs_key(call)):
         rt.ahead.clear()  # this call is not the one it was computed for: nothing ahead applies
         rt.stats["ahead_dropped"] += 1
         return None

@@ -514,7 +514,6 @@ class ConvGate:
         self.tile, self.threshold = tile, float(threshold)
         runtime.declare(unit, stateful=True)
         self._place = None
-        self.last_active = None
         self.last_affected = None
         self.last_shape = None  # (n, cin, cout, k, h, w) of the last gated step (FLOP accounting)
         self.active_runs = []  # the active tiles of each gated step of this call (split inference: one per chunk)
@@ -545,7 +544,7 @@ class ConvGate:
                                  f"({GATED_CONVS}, or an adapter layer around one)")
             self._checked = module
         conv = _base_conv(module)
-        self.last_active = self.last_affected = None
+        self.last_affected = None
         if not self.runtime.runs.get(self.unit):  # the call's first run of this gate
             self.active_runs = []
         temporal = isinstance(conv, nn.Conv3d)
@@ -567,7 +566,7 @@ class ConvGate:
                     x, x_ref, z, conv.weight, conv.bias, tile=self.tile, threshold=self.threshold,
                     backend=self.backend, conv=fn)
                 n, cin, f, h, w = x.shape
-                self.last_active, self.last_affected = active, affected
+                self.last_affected = affected
                 self.active_runs.append(active)
                 self.last_shape = (n * f, cin, conv.out_channels, conv.kernel_size[0], h, w)
                 return out, (x_ref, out, active)
@@ -575,7 +574,7 @@ class ConvGate:
                                                          threshold=self.threshold, padding=conv.padding,
                                                          backend=self.backend, conv=fn)
             n, cin, h, w = x.shape
-            self.last_active, self.last_affected = active, affected  # what a tile-predicated conv computes
+            self.last_affected = affected  # what a tile-predicated conv computes (FLOP accounting)
             self.active_runs.append(active)
             self.last_shape = (n, cin, conv.out_channels, conv.kernel_size[0] * conv.kernel_size[1], h, w)
             return out, (x_ref, out, active)
